@@ -1,0 +1,88 @@
+"""The Prefect block that holds a scoped STAC token for downstream flows."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from prefect.blocks.core import Block
+from pydantic import Field, HttpUrl, SecretStr, field_validator
+
+from cm_tasks.client import IssuedStacToken
+
+
+class CarbonMapperStacToken(Block):
+    """A scoped Carbon Mapper STAC token, saved by the `refresh-stac-token` flow.
+
+    Downstream flows load it to download STAC assets and catalogue files. The token is
+    encrypted at rest by Prefect and shown as `********` in the UI and API reads.
+
+    Example:
+        Load the token the refresh flow saved and search the STAC API with it:
+        ```python
+        import httpx
+        from cm_tasks import CarbonMapperStacToken
+
+        token = CarbonMapperStacToken.load("carbon-mapper-stac-token")
+        response = httpx.get(
+            f"{token.base_url}stac/search", params={"limit": 1}, headers=token.auth_headers()
+        )
+        print(token.name, token.expires_at, response.status_code)
+        ```
+    """
+
+    _block_type_name = "Carbon Mapper STAC Token"
+    _block_type_slug = "carbon-mapper-stac-token"
+    _logo_url = None
+    _description = (
+        "A scoped Carbon Mapper platform token with STAC privileges, and when it expires. "
+        "Saved by the refresh-stac-token flow of cm-tasks; loaded by ingest flows."
+    )
+    _documentation_url = HttpUrl(
+        "https://github.com/carbon-mapper/cm-tasks#use-the-token-in-your-flows"
+    )
+
+    token: SecretStr = Field(description="The scoped STAC token (a bearer token).")
+    name: str = Field(description="The token's name on the Carbon Mapper platform.")
+    expires_at: datetime = Field(description="When the token stops working, in UTC.")
+    created_at: datetime = Field(description="When the token was issued, in UTC.")
+    scopes: list[str] = Field(
+        default_factory=list, description="Scopes the token grants, e.g. stac, catalog:read."
+    )
+    base_url: str = Field(
+        description="Base URL of the platform API the token belongs to (ends in /api/v1/)."
+    )
+
+    @field_validator("expires_at", "created_at")
+    @classmethod
+    def _aware_utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+    @classmethod
+    def from_issued(cls, issued: IssuedStacToken, base_url: str) -> CarbonMapperStacToken:
+        """A block (not yet saved) for a token the API just issued."""
+        return cls(
+            token=issued.token,
+            name=issued.name,
+            expires_at=issued.expires_at,
+            created_at=issued.created_at,
+            scopes=list(issued.scopes),
+            base_url=base_url,
+        )
+
+    def get(self) -> str:
+        """The token itself, for an `Authorization: Bearer` header or pystac-client."""
+        return self.token.get_secret_value()
+
+    def auth_headers(self) -> dict[str, str]:
+        """HTTP headers that authenticate a request with this token."""
+        return {"Authorization": f"Bearer {self.get()}"}
+
+    def expires_within(self, delta: timedelta) -> bool:
+        """Whether the token is expired or will expire within delta from now."""
+        return self.expires_at - datetime.now(timezone.utc) <= delta
+
+    def time_left(self) -> timedelta:
+        """How long the token stays valid from now (negative once expired)."""
+        return self.expires_at - datetime.now(timezone.utc)

@@ -1,0 +1,114 @@
+"""Errors raised by cm-tasks.
+
+Messages say what happened, where (status, endpoint) and how to fix it; they never contain a
+password, a token or a request body.
+
+    CarbonMapperError
+    ├── ConfigurationError             a CM_* setting or a flow parameter is unusable
+    ├── CredentialsBlockError          a Secret block with the account credentials is missing or bad
+    ├── TokenBlockError                the token block is missing, unreadable or could not be saved
+    └── CarbonMapperAPIError           the platform API answered with an error (or not at all)
+        ├── UnauthorizedError          401: credentials or access token rejected
+        │   └── BadCredentialsError    401 from token/pair: wrong e-mail or password
+        ├── PermissionDeniedError      403: the account lacks the needed scope
+        ├── InvalidRequestError        400/404/405/422: the API rejected the request itself
+        ├── RateLimitedError           429: too many requests (transient)
+        ├── APIUnavailableError        5xx, time-out or connection failure (transient)
+        └── UnexpectedResponseError    a 2xx the package cannot read (HTML, bad JSON, missing key)
+"""
+
+from __future__ import annotations
+
+
+class CarbonMapperError(Exception):
+    """Base class of every error cm-tasks raises on purpose.
+
+    Attributes:
+        transient: whether trying again later may succeed.
+    """
+
+    transient: bool = False
+
+
+class ConfigurationError(CarbonMapperError, ValueError):
+    """A `CM_*` setting or a flow parameter is unusable; nothing was sent to the API."""
+
+
+class CredentialsBlockError(CarbonMapperError):
+    """A Secret block holding the account e-mail or password is missing, empty or malformed."""
+
+
+class TokenBlockError(CarbonMapperError):
+    """The token block is missing, unreadable, or could not be saved."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+class CarbonMapperAPIError(CarbonMapperError):
+    """The Carbon Mapper API answered with an error, or could not be reached.
+
+    Attributes:
+        status_code: HTTP status, or None when no response arrived.
+        endpoint: the API path called, e.g. `token/pair`.
+    """
+
+    def __init__(self, message: str, *, status_code: int | None = None, endpoint: str = ""):
+        super().__init__(message)
+        self.status_code = status_code
+        self.endpoint = endpoint
+
+
+class UnauthorizedError(CarbonMapperAPIError):
+    """401: the API did not accept the credentials or access token."""
+
+
+class BadCredentialsError(UnauthorizedError):
+    """401 from `token/pair`: the e-mail or password is wrong, or the account is inactive."""
+
+
+class PermissionDeniedError(CarbonMapperAPIError):
+    """403: the account is authenticated but may not do this."""
+
+
+class InvalidRequestError(CarbonMapperAPIError):
+    """400/404/405/422: the API rejected the request; `api_message` says why, in its words."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        endpoint: str = "",
+        api_message: str = "",
+    ):
+        super().__init__(message, status_code=status_code, endpoint=endpoint)
+        self.api_message = api_message
+
+
+class RateLimitedError(CarbonMapperAPIError):
+    """429: too many requests; `retry_after` is the wait the API asked for, in seconds."""
+
+    transient = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = 429,
+        endpoint: str = "",
+        retry_after: float | None = None,
+    ):
+        super().__init__(message, status_code=status_code, endpoint=endpoint)
+        self.retry_after = retry_after
+
+
+class APIUnavailableError(CarbonMapperAPIError):
+    """The API answered 500/502/503/504, timed out, or the connection failed."""
+
+    transient = True
+
+
+class UnexpectedResponseError(CarbonMapperAPIError):
+    """The API answered in a form cm-tasks cannot read (HTML, invalid JSON, a missing key)."""

@@ -1,0 +1,177 @@
+"""One token refresh: check the request, then credentials -> access token -> STAC token -> block.
+
+Shared by the `refresh-stac-token` flow and by code that refreshes inline. Every check of the
+request happens before any call to Prefect or the Carbon Mapper API, and the token block is
+written only once the new token is in hand, so a failure anywhere leaves the stored token as
+it was.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+from pydantic import BaseModel, ConfigDict
+
+from cm_tasks._logging import RunLogger, current_logger
+from cm_tasks.blocks import CarbonMapperStacToken
+from cm_tasks.client import CarbonMapperClient
+from cm_tasks.errors import BadCredentialsError, ConfigurationError
+from cm_tasks.settings import CarbonMapperSettings, validate_block_name
+from cm_tasks.tasks import create_stac_token, get_access_token, read_credentials, save_stac_token
+
+MIN_LIFETIME_DAYS = 1
+MAX_LIFETIME_DAYS = 365
+MAX_TOKEN_NAME_LENGTH = 100
+WEEKLY_REFRESH_DAYS = 7
+
+
+class RefreshRequest(BaseModel):
+    """A checked refresh request: every value is final and valid."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token_name: str
+    lifetime_days: int
+    expiration_date: date
+    email_block: str
+    password_block: str
+    token_block: str
+
+
+class RefreshSummary(BaseModel):
+    """What a refresh did, safe to log and return: never the token itself."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token_block: str
+    token_name: str
+    expires_at: datetime
+    scopes: list[str]
+
+    @classmethod
+    def of(cls, token: CarbonMapperStacToken, token_block: str) -> RefreshSummary:
+        """The summary of a saved token block."""
+        return cls(
+            token_block=token_block,
+            token_name=token.name,
+            expires_at=token.expires_at,
+            scopes=list(token.scopes),
+        )
+
+
+def default_token_name(now: datetime | None = None) -> str:
+    """A token name with the UTC date and time, e.g. `prefect-20261127T0600Z`."""
+    return f"prefect-{(now or datetime.now(timezone.utc)):%Y%m%dT%H%MZ}"
+
+
+def _check_token_name(token_name: str | None) -> str:
+    if token_name is None:
+        return default_token_name()
+    name = token_name.strip()
+    if not name:
+        raise ConfigurationError(
+            "token_name is empty. Give a name such as 'weekly-ingest', or leave it unset "
+            "for a dated default like 'prefect-20261127T0600Z'."
+        )
+    if len(name) > MAX_TOKEN_NAME_LENGTH:
+        raise ConfigurationError(
+            f"token_name is {len(name)} characters long; use at most {MAX_TOKEN_NAME_LENGTH}."
+        )
+    if not name.isprintable():
+        raise ConfigurationError("token_name contains control characters; use plain text.")
+    return name
+
+
+def _check_lifetime(lifetime_days: int) -> int:
+    if not MIN_LIFETIME_DAYS <= lifetime_days <= MAX_LIFETIME_DAYS:
+        raise ConfigurationError(
+            f"lifetime_days is {lifetime_days}; it must be from {MIN_LIFETIME_DAYS} to "
+            f"{MAX_LIFETIME_DAYS} days (default 14)."
+        )
+    if lifetime_days <= WEEKLY_REFRESH_DAYS:
+        current_logger().warning(
+            "lifetime_days=%d: the token expires at 00:00 UTC on its expiry date, so with a "
+            "weekly refresh it can lapse before the next run. Use 14 days (the default) for "
+            "a week of overlap.",
+            lifetime_days,
+        )
+    return lifetime_days
+
+
+def _check_block(parameter: str, value: str | None, default: str) -> str:
+    if value is None:
+        return default
+    try:
+        return validate_block_name(value)
+    except ValueError as exc:
+        raise ConfigurationError(f"{parameter}: {exc}.") from None
+
+
+def resolve_request(
+    settings: CarbonMapperSettings,
+    *,
+    token_name: str | None = None,
+    lifetime_days: int | None = None,
+    email_block: str | None = None,
+    password_block: str | None = None,
+    token_block: str | None = None,
+    today: date | None = None,
+) -> RefreshRequest:
+    """Fill defaults from settings and check every value, before anything is sent anywhere.
+
+    Raises:
+        ConfigurationError: a value is unusable; the message says which and why.
+    """
+    lifetime = _check_lifetime(
+        settings.token_lifetime_days if lifetime_days is None else lifetime_days
+    )
+    return RefreshRequest(
+        token_name=_check_token_name(token_name),
+        lifetime_days=lifetime,
+        expiration_date=(today or datetime.now(timezone.utc).date()) + timedelta(days=lifetime),
+        email_block=_check_block("email_block", email_block, settings.email_block),
+        password_block=_check_block("password_block", password_block, settings.password_block),
+        token_block=_check_block("token_block", token_block, settings.token_block),
+    )
+
+
+def run_refresh(
+    request: RefreshRequest,
+    settings: CarbonMapperSettings,
+    client: CarbonMapperClient | None = None,
+) -> CarbonMapperStacToken:
+    """Get a new STAC token with the package's tasks and save it to the token block.
+
+    Args:
+        request: from `resolve_request`.
+        settings: base URL, time-out and retry policy for the API calls.
+        client: a client to use instead of one made from settings (tests inject one).
+
+    Returns:
+        The saved token block.
+
+    Raises:
+        CredentialsBlockError: a Secret block is missing or bad.
+        BadCredentialsError: the API rejected the credentials; names the two blocks.
+        CarbonMapperAPIError: the API failed after retries.
+        TokenBlockError: the new token could not be saved.
+    """
+    email, password = read_credentials(request.email_block, request.password_block)
+    api = client or CarbonMapperClient.from_settings(settings, logger=RunLogger())
+    try:
+        try:
+            access = get_access_token(email, password, client=api)
+        except BadCredentialsError as exc:
+            raise BadCredentialsError(
+                f"{exc} They were read from the Secret blocks {request.email_block!r} "
+                f"(e-mail) and {request.password_block!r} (password): update them with "
+                "`cm-tasks login` and run again.",
+                status_code=exc.status_code,
+                endpoint=exc.endpoint,
+            ) from None
+        token = create_stac_token(access, request.token_name, request.expiration_date, client=api)
+    finally:
+        if client is None:
+            api.close()
+    save_stac_token(token, request.token_block)
+    return token

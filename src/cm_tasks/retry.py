@@ -1,0 +1,60 @@
+"""When to try an API call again, and how long to wait first: a small pure policy."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from cm_tasks.errors import CarbonMapperAPIError, RateLimitedError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry transient faults with exponential backoff and jitter; never retry the rest.
+
+    Transient: connection failures, time-outs, 500/502/503/504 and 429. A 429 waits what
+    its `Retry-After` asks, capped at `retry_after_cap`. Everything else (400, 401, 403,
+    404, 422, unreadable answers) fails after one call: asking again would not help.
+
+    Attributes:
+        max_attempts: calls in total, counting the first.
+        backoff: wait before the first retry, in seconds; doubles for each further retry.
+        max_backoff: longest backoff wait, in seconds.
+        jitter: spread each backoff wait by up to this fraction, so that many clients
+            failing together do not retry together.
+        retry_after_cap: longest wait honoured from a `Retry-After` header, in seconds.
+
+    Example:
+        ```python
+        from cm_tasks.errors import APIUnavailableError
+        from cm_tasks.retry import RetryPolicy
+
+        policy = RetryPolicy(max_attempts=3, backoff=0.5, jitter=0)
+        assert policy.next_wait(APIUnavailableError("503"), attempt=1) == 0.5
+        assert policy.next_wait(APIUnavailableError("503"), attempt=3) is None
+        ```
+    """
+
+    max_attempts: int = 4
+    backoff: float = 1.0
+    max_backoff: float = 30.0
+    jitter: float = 0.2
+    retry_after_cap: float = 60.0
+    _random: random.Random = field(default_factory=random.Random, repr=False, compare=False)
+
+    def next_wait(self, error: Exception, attempt: int) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up and raise error.
+
+        Args:
+            error: what the attempt raised.
+            attempt: the number of the attempt that failed, starting at 1.
+        """
+        if attempt >= self.max_attempts:
+            return None
+        if not isinstance(error, CarbonMapperAPIError) or not error.transient:
+            return None
+        if isinstance(error, RateLimitedError) and error.retry_after is not None:
+            return max(0.0, min(float(error.retry_after), self.retry_after_cap))
+        wait = min(self.backoff * 2.0 ** (attempt - 1), self.max_backoff)
+        spread = wait * self.jitter
+        return max(0.0, wait + self._random.uniform(-spread, spread))

@@ -1,0 +1,142 @@
+"""Settings read from `CM_*` environment variables and a `.env` file."""
+
+from __future__ import annotations
+
+import ipaddress
+import warnings
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cm_tasks.errors import ConfigurationError
+
+DEFAULT_BASE_URL = "https://api.carbonmapper.org/api/v1/"
+ENV_PREFIX = "CM_"
+
+
+class InsecureBaseURLWarning(UserWarning):
+    """`CM_BASE_URL` sends credentials in clear text to a host that is not this machine."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class CarbonMapperSettings(BaseSettings):
+    """Where the Carbon Mapper API is, and where credentials and the token live in Prefect.
+
+    Every field is read from an environment variable with the `CM_` prefix (`CM_BASE_URL`,
+    `CM_TIMEOUT`, ...) or from a `.env` file in the working directory. Use
+    `load_settings()` to build one: it turns a bad value into a `ConfigurationError` that
+    names the variable.
+
+    Example:
+        ```python
+        from cm_tasks import load_settings
+
+        settings = load_settings()
+        print(settings.base_url, settings.token_block)
+        ```
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    base_url: str = Field(
+        DEFAULT_BASE_URL,
+        description="Base URL of the platform API, ending in /api/v1/.",
+    )
+    timeout: float = Field(30.0, gt=0, le=600, description="Seconds to wait for each response.")
+    email_block: str = Field(
+        "carbon-mapper-email",
+        description="Name of the Prefect Secret block holding the account e-mail.",
+    )
+    password_block: str = Field(
+        "carbon-mapper-password",
+        description="Name of the Prefect Secret block holding the account password.",
+    )
+    token_block: str = Field(
+        "carbon-mapper-stac-token",
+        description="Name of the CarbonMapperStacToken block the scoped token is saved to.",
+    )
+    token_lifetime_days: int = Field(
+        14, ge=1, le=365, description="Days a new STAC token stays valid."
+    )
+    max_attempts: int = Field(
+        4,
+        ge=1,
+        le=10,
+        description="Attempts per API call, counting the first, for transient faults.",
+    )
+    retry_backoff: float = Field(
+        1.0, ge=0, le=60, description="First retry delay in seconds; doubles for each retry."
+    )
+    retry_after_cap: float = Field(
+        60.0, ge=0, le=3600, description="Longest wait in seconds honoured from a 429 Retry-After."
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _normalise_base_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL such as https://api.carbonmapper.org/api/v1/")
+        if parts.username or parts.password:
+            raise ValueError("must not contain a user name or password")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            warnings.warn(
+                f"CM_BASE_URL uses plain http:// to {parts.hostname}: the account password and "
+                "tokens would travel unencrypted. Use https:// for any host but this machine.",
+                InsecureBaseURLWarning,
+                stacklevel=2,
+            )
+        url = value.strip()
+        return url if url.endswith("/") else url + "/"
+
+    @field_validator("email_block", "password_block", "token_block")
+    @classmethod
+    def _block_name(cls, value: str) -> str:
+        return validate_block_name(value)
+
+
+def validate_block_name(value: str) -> str:
+    """Return value if it is a valid Prefect block name, else raise ValueError saying why."""
+    name = value.strip()
+    if not name:
+        raise ValueError("a block name must not be empty")
+    if not all(c.islower() or c.isdigit() or c == "-" for c in name) or not name.isascii():
+        raise ValueError(
+            f"block name {name!r} may only contain lowercase letters, digits and dashes"
+        )
+    return name
+
+
+def load_settings(**overrides: object) -> CarbonMapperSettings:
+    """Read the settings from the environment and `.env`, with optional overrides.
+
+    Raises:
+        ConfigurationError: a variable holds a value that cannot be used; the message names
+            the variable and what it needs to be. Input values are never echoed.
+    """
+    try:
+        return CarbonMapperSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            field = ".".join(str(part) for part in error["loc"])
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
+        raise ConfigurationError(
+            "Invalid cm-tasks setting(s): " + "; ".join(problems) + ". "
+            "Fix the environment variable or the .env entry."
+        ) from None

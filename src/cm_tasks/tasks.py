@@ -1,0 +1,235 @@
+"""Prefect tasks: read the credentials, get an access token, create and save a STAC token.
+
+Every task that receives or returns a secret has `persist_result=False`, so no secret is ever
+written to result storage, whatever the server's defaults (see the README's Security section).
+Retries of the Carbon Mapper calls happen inside the client (transient faults only, honouring
+`Retry-After`); the save to Prefect is retried by Prefect on transient API errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from datetime import date
+from typing import Any, cast
+
+import httpx
+from prefect import Task, task
+from prefect.blocks.system import Secret
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from pydantic import SecretStr
+
+from cm_tasks.blocks import CarbonMapperStacToken
+from cm_tasks.client import CarbonMapperClient
+from cm_tasks.errors import CredentialsBlockError, TokenBlockError
+from cm_tasks.settings import load_settings
+
+SAVE_RETRY_DELAYS = [1.0, 2.0, 4.0]
+
+
+def _secret(value: SecretStr | str) -> SecretStr:
+    return value if isinstance(value, SecretStr) else SecretStr(value)
+
+
+@contextmanager
+def _client_or_default(client: CarbonMapperClient | None) -> Iterator[CarbonMapperClient]:
+    if client is not None:
+        yield client
+        return
+    with CarbonMapperClient.from_settings(load_settings()) as own_client:
+        yield own_client
+
+
+def read_secret_block(block_name: str, what: str) -> SecretStr:
+    """The string held by a Prefect `Secret` block, kept secret.
+
+    Args:
+        block_name: name of the Secret block.
+        what: what it should hold, for the error message (e.g. "the account e-mail").
+
+    Raises:
+        CredentialsBlockError: the block is missing, empty, or holds JSON instead of a string;
+            the message names the block and how to create it.
+    """
+    how_to_fix = (
+        f"Create it with `cm-tasks login`, or in Python: "
+        f"`Secret(value=...).save({block_name!r}, overwrite=True)` "
+        "(from prefect.blocks.system import Secret)."
+    )
+    try:
+        # _sync: a sync read even when called from async code (async_dispatch would await)
+        block = cast("Secret[Any]", Secret.load(block_name, _sync=True))  # type: ignore[call-arg]
+    except (ValueError, ObjectNotFound):
+        raise CredentialsBlockError(
+            f"The Secret block {block_name!r} with {what} does not exist. {how_to_fix}"
+        ) from None
+    value = block.value.get_secret_value()
+    if isinstance(value, str) and value.strip()[:1] in ("{", "["):
+        with suppress(ValueError):
+            value = json.loads(value)
+    if not isinstance(value, str):
+        raise CredentialsBlockError(
+            f"The Secret block {block_name!r} holds JSON ({type(value).__name__}), but it "
+            f"should hold {what} as plain text. {how_to_fix}"
+        )
+    if not value.strip():
+        raise CredentialsBlockError(
+            f"The Secret block {block_name!r} is empty; it should hold {what}. {how_to_fix}"
+        )
+    return SecretStr(value.strip())
+
+
+@task(name="read-credentials", persist_result=False)
+def read_credentials(email_block: str, password_block: str) -> tuple[SecretStr, SecretStr]:
+    """Read the Carbon Mapper account e-mail and password from two Prefect Secret blocks.
+
+    Args:
+        email_block: name of the Secret block holding the account e-mail.
+        password_block: name of the Secret block holding the account password.
+
+    Returns:
+        The e-mail and the password, as `SecretStr`.
+
+    Raises:
+        CredentialsBlockError: a block is missing, empty or holds JSON.
+
+    Example:
+        ```python
+        from prefect import flow
+        from cm_tasks import read_credentials
+
+        @flow
+        def check_credentials() -> None:
+            email, password = read_credentials("carbon-mapper-email", "carbon-mapper-password")
+        ```
+    """
+    return (
+        read_secret_block(email_block, "the Carbon Mapper account e-mail"),
+        read_secret_block(password_block, "the Carbon Mapper account password"),
+    )
+
+
+@task(name="get-access-token", persist_result=False)
+def get_access_token(
+    email: SecretStr | str,
+    password: SecretStr | str,
+    client: CarbonMapperClient | None = None,
+) -> SecretStr:
+    """Exchange the account e-mail and password for a short-lived access token.
+
+    Calls `POST token/pair`. Transient faults are retried; wrong credentials fail at once.
+
+    Args:
+        email: the account e-mail.
+        password: the account password.
+        client: a client to reuse (one connection for several calls); by default one is
+            made from the `CM_*` settings and closed afterwards.
+
+    Returns:
+        The access token, as `SecretStr`.
+
+    Raises:
+        BadCredentialsError: the API rejected the e-mail or password.
+        CarbonMapperAPIError: the API failed, after retrying transient faults.
+
+    Example:
+        ```python
+        from prefect import flow
+        from cm_tasks import get_access_token, read_credentials
+
+        @flow
+        def login() -> None:
+            email, password = read_credentials("carbon-mapper-email", "carbon-mapper-password")
+            access = get_access_token(email, password)
+        ```
+    """
+    with _client_or_default(client) as api:
+        return api.get_token_pair(_secret(email), _secret(password)).access
+
+
+@task(name="create-stac-token", persist_result=False)
+def create_stac_token(
+    access_token: SecretStr | str,
+    name: str,
+    expiration_date: date,
+    client: CarbonMapperClient | None = None,
+) -> CarbonMapperStacToken:
+    """Create a scoped STAC token; returns it as an unsaved `CarbonMapperStacToken` block.
+
+    Calls `POST account/tokens/create-stac`. The API shows the token only once: save the
+    block (e.g. with `save_stac_token`) or it is lost.
+
+    Args:
+        access_token: from `get_access_token`.
+        name: the token's name on the platform.
+        expiration_date: the day the token lapses.
+        client: a client to reuse; by default one is made from the `CM_*` settings.
+
+    Returns:
+        The new token with its name, expiry, creation time, scopes and base URL.
+
+    Example:
+        ```python
+        from datetime import date, timedelta
+        from prefect import flow
+        from cm_tasks import create_stac_token, get_access_token, read_credentials
+
+        @flow
+        def new_token() -> None:
+            email, password = read_credentials("carbon-mapper-email", "carbon-mapper-password")
+            access = get_access_token(email, password)
+            token = create_stac_token(access, "ingest", date.today() + timedelta(days=14))
+            token.save("my-stac-token", overwrite=True)
+        ```
+    """
+    with _client_or_default(client) as api:
+        issued = api.create_stac_token(_secret(access_token), name, expiration_date)
+        return CarbonMapperStacToken.from_issued(issued, api.base_url)
+
+
+def _is_transient_prefect_error(error: BaseException) -> bool:
+    if isinstance(error, httpx.TransportError):
+        return True
+    if isinstance(error, PrefectHTTPStatusError):
+        return error.response.status_code in (408, 429, 500, 502, 503, 504)
+    return False
+
+
+def _retry_transient_save(_task: Task[..., Any], _task_run: TaskRun, state: State[Any]) -> bool:
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, TokenBlockError) and error.transient
+
+
+@task(
+    name="save-stac-token",
+    persist_result=False,
+    retries=len(SAVE_RETRY_DELAYS),
+    retry_delay_seconds=SAVE_RETRY_DELAYS,
+    retry_condition_fn=_retry_transient_save,
+)
+def save_stac_token(token: CarbonMapperStacToken, block_name: str) -> None:
+    """Save a STAC token block under block_name, replacing the token stored there.
+
+    Transient Prefect API errors are retried. The error never carries the API's answer, which
+    could echo the token.
+
+    Args:
+        token: the block to save, e.g. from `create_stac_token`.
+        block_name: the block document name.
+
+    Raises:
+        TokenBlockError: the save failed; the block may still hold the previous token.
+    """
+    try:
+        token.save(block_name, overwrite=True)
+    except Exception as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        raise TokenBlockError(
+            f"Could not save the new STAC token to block {block_name!r} "
+            f"({type(exc).__name__}{f' {status}' if status else ''} from the Prefect API). "
+            "The previous token, if any, is unchanged. Check that the Prefect API is "
+            "reachable and run the refresh again.",
+            transient=_is_transient_prefect_error(exc),
+        ) from None
