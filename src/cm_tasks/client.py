@@ -39,7 +39,7 @@ TOKEN_PAIR_PATH = "token/pair"
 CREATE_STAC_PATH = "account/tokens/create-stac"
 USER_AGENT = f"cm-tasks/{__version__}"
 _MAX_API_MESSAGE = 300
-_TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
+_TRANSIENT_STATUSES = frozenset({408, 500, 502, 503, 504})
 _INVALID_REQUEST_STATUSES = frozenset({400, 404, 405, 409, 413, 415, 422})
 
 T = TypeVar("T")
@@ -79,9 +79,9 @@ def _utc(value: datetime) -> datetime:
 
 
 def _scrub(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "**********")
+    # Longest first: masking a secret inside a longer one would leave the rest readable.
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "**********")
     return text
 
 
@@ -224,6 +224,17 @@ def _parse_date(value: object) -> date | None:
         return None
 
 
+def _claim_time(claims: dict[str, Any], name: str) -> datetime | None:
+    """A JWT time claim (seconds since the epoch) as UTC, or None if absent or absurd."""
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return datetime.fromtimestamp(value, timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
 def parse_issued_stac_token(
     body: dict[str, Any], requested_name: str, requested_expiration: date
 ) -> IssuedStacToken:
@@ -234,15 +245,13 @@ def parse_issued_stac_token(
     """
     token: str = body["token_value"]
     claims = decode_claims(token) or {}
-    expires_at: datetime | None = None
-    if isinstance(claims.get("exp"), int | float):
-        expires_at = datetime.fromtimestamp(claims["exp"], timezone.utc)
+    expires_at = _claim_time(claims, "exp")
     if expires_at is None:
         expiry_date = _parse_date(body.get("expiration_date")) or requested_expiration
         expires_at = datetime.combine(expiry_date, dt_time.min, tzinfo=timezone.utc)
     created_at = _parse_datetime(body.get("created"))
-    if created_at is None and isinstance(claims.get("iat"), int | float):
-        created_at = datetime.fromtimestamp(claims["iat"], timezone.utc)
+    if created_at is None:
+        created_at = _claim_time(claims, "iat")
     scopes: list[str] = []
     if isinstance(body.get("scopes"), list):
         scopes = [str(scope) for scope in body["scopes"]]
@@ -431,5 +440,11 @@ class CarbonMapperClient:
             raise APIUnavailableError(
                 f"Could not reach the Carbon Mapper API at {self.base_url} "
                 f"({type(exc).__name__} on {endpoint}).",
+                endpoint=endpoint,
+            ) from None
+        except httpx.RequestError as exc:  # e.g. DecodingError: a body that is not what it says
+            raise UnexpectedResponseError(
+                f"The Carbon Mapper API's answer could not be read ({type(exc).__name__} on "
+                f"{endpoint}).",
                 endpoint=endpoint,
             ) from None

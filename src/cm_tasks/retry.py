@@ -55,6 +55,6 @@ class RetryPolicy:
             return None
         if isinstance(error, RateLimitedError) and error.retry_after is not None:
             return max(0.0, min(float(error.retry_after), self.retry_after_cap))
-        wait = min(self.backoff * 2.0 ** (attempt - 1), self.max_backoff)
+        wait = min(self.backoff * 2.0 ** min(attempt - 1, 30), self.max_backoff)
         spread = wait * self.jitter
         return max(0.0, wait + self._random.uniform(-spread, spread))

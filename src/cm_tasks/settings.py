@@ -92,6 +92,8 @@ class CarbonMapperSettings(BaseSettings):
         parts = urlsplit(value.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http(s) URL such as https://api.carbonmapper.org/api/v1/")
+        if parts.query or parts.fragment:
+            raise ValueError("must not contain a query string or fragment")
         if parts.username or parts.password:
             raise ValueError("must not contain a user name or password")
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
@@ -116,9 +118,7 @@ def validate_block_name(value: str) -> str:
     if not name:
         raise ValueError("a block name must not be empty")
     if not all(c.islower() or c.isdigit() or c == "-" for c in name) or not name.isascii():
-        raise ValueError(
-            f"block name {name!r} may only contain lowercase letters, digits and dashes"
-        )
+        raise ValueError("a block name may only contain lowercase letters, digits and dashes")
     return name
 
 
