@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from prefect.blocks.core import Block
-from pydantic import Field, HttpUrl, SecretStr, field_validator
+from pydantic import ConfigDict, Field, HttpUrl, SecretStr, field_validator
 
 from cm_tasks.client import IssuedStacToken
 
@@ -29,6 +29,10 @@ class CarbonMapperStacToken(Block):
         print(token.name, token.expires_at, response.status_code)
         ```
     """
+
+    # A validation error would otherwise quote its input - the whole data, token included -
+    # e.g. when loading a block document that lacks a field.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     _block_type_name = "Carbon Mapper STAC Token"
     _block_type_slug = "carbon-mapper-stac-token"

@@ -52,7 +52,7 @@ class _Logger(Protocol):
 class TokenPair(BaseModel):
     """The answer of `token/pair`: a short-lived access token (and its refresh token)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
 
     access: SecretStr = Field(description="Bearer token for account endpoints; minutes long.")
     refresh: SecretStr | None = Field(None, description="Token to get a new access token.")
@@ -61,7 +61,7 @@ class TokenPair(BaseModel):
 class IssuedStacToken(BaseModel):
     """A scoped STAC token as `account/tokens/create-stac` issued it, with what it tells of it."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
 
     token: SecretStr = Field(description="The scoped token (shown by the API only once).")
     name: str = Field(description="The token's name on the platform.")
@@ -142,7 +142,9 @@ def error_for_response(
         )
     if status == 401:
         return UnauthorizedError(
-            f"The Carbon Mapper API did not accept the access token ({where}){said}.",
+            f"The Carbon Mapper API did not accept the access token ({where}){said}. "
+            "It was issued moments before: run the refresh again, and report it to the "
+            "cm-tasks maintainers if this persists.",
             status_code=status,
             endpoint=endpoint,
         )
@@ -170,7 +172,8 @@ def error_for_response(
         )
     if status in _INVALID_REQUEST_STATUSES:
         return InvalidRequestError(
-            f"The Carbon Mapper API rejected the request ({where}){said}.",
+            f"The Carbon Mapper API rejected the request ({where}){said}. Fix the value it "
+            "names (token_name, lifetime_days, or the e-mail in the Secret block) and run again.",
             status_code=status,
             endpoint=endpoint,
             api_message=api_message,
@@ -189,9 +192,14 @@ def _json_object(response: httpx.Response, endpoint: str, key: str) -> dict[str,
     try:
         body = response.json()
     except (ValueError, UnicodeDecodeError):
-        kind = "HTML" if "html" in content_type else f"non-JSON ({content_type or 'no type'})"
+        if "html" in content_type:
+            kind = "HTML instead of JSON"
+        elif "json" in content_type:
+            kind = "malformed JSON"
+        else:
+            kind = f"non-JSON ({content_type or 'no type'}) instead of JSON"
         raise UnexpectedResponseError(
-            f"The Carbon Mapper API answered with {kind} instead of JSON ({where}). "
+            f"The Carbon Mapper API answered with {kind} ({where}). "
             "Is CM_BASE_URL right (it should end in /api/v1/)?",
             status_code=response.status_code,
             endpoint=endpoint,

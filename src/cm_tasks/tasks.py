@@ -222,14 +222,19 @@ def save_stac_token(token: CarbonMapperStacToken, block_name: str) -> None:
     Raises:
         TokenBlockError: the save failed; the block may still hold the previous token.
     """
+    failure: TokenBlockError | None = None
     try:
         token.save(block_name, overwrite=True)
     except Exception as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        raise TokenBlockError(
+        failure = TokenBlockError(
             f"Could not save the new STAC token to block {block_name!r} "
             f"({type(exc).__name__}{f' {status}' if status else ''} from the Prefect API). "
             "The previous token, if any, is unchanged. Check that the Prefect API is "
             "reachable and run the refresh again.",
             transient=_is_transient_prefect_error(exc),
-        ) from None
+        )
+    if failure is not None:
+        # Raised outside the except block: the API's error, whose text can quote the request
+        # body (the token), is not even kept as the suppressed __context__.
+        raise failure

@@ -1,0 +1,235 @@
+"""The bad-input matrix: every user mistake gets a clear error or warning, before any API call.
+
+Completes what tests/test_flow.py (lifetime and token_name bounds, bad block names, missing
+e-mail block, wrong password, short-lifetime warning) and tests/test_settings.py (unparsable
+CM_* values, http:// warning, trailing slash) already cover: unknown e-mail, every bad Secret
+block, boundary values, and CM_* mistakes seen through the flow. A user mistake is a
+`CarbonMapperError` with an actionable message and no chained traceback from the package.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from prefect.blocks.system import Secret
+from prefect.exceptions import ParameterTypeError
+from pydantic import SecretStr
+
+from cm_tasks import (
+    BadCredentialsError,
+    CarbonMapperError,
+    CarbonMapperStacToken,
+    ConfigurationError,
+    CredentialsBlockError,
+    load_settings,
+    refresh_stac_token,
+    resolve_request,
+    run_refresh,
+)
+from cm_tasks.settings import InsecureBaseURLWarning
+from cm_tasks.testing import CarbonMapperEmulator
+
+from .leaks import assert_no_leak, collect_secrets
+
+EMAIL_BLOCK = "carbon-mapper-email"
+PASSWORD_BLOCK = "carbon-mapper-password"
+TOKEN_BLOCK = "carbon-mapper-stac-token"
+
+
+def _assert_user_error(error: BaseException, *words: str) -> None:
+    """A package error, saying what and how to fix, with no chained error behind it."""
+    assert isinstance(error, CarbonMapperError), type(error)
+    assert error.__cause__ is None
+    assert error.__context__ is None or error.__suppress_context__
+    for word in words:
+        assert word in str(error), str(error)
+
+
+@pytest.fixture
+def stored(credentials: CarbonMapperEmulator) -> str:
+    """A token already in the block: a user mistake must not touch it."""
+    now = datetime.now(timezone.utc)
+    token = f"stored-{uuid4().hex}"
+    CarbonMapperStacToken(
+        token=SecretStr(token),
+        name="stored",
+        expires_at=now + timedelta(days=9),
+        created_at=now,
+        base_url=credentials.base_url,
+    ).save(TOKEN_BLOCK, overwrite=True)
+    return token
+
+
+def test_unknown_email_fails_once_naming_the_blocks(
+    credentials: CarbonMapperEmulator, stored: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Secret(value="nobody@nowhere.example").save(EMAIL_BLOCK, overwrite=True)
+
+    state = refresh_stac_token(return_state=True)
+
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, BadCredentialsError)
+    _assert_user_error(error, EMAIL_BLOCK, PASSWORD_BLOCK, "cm-tasks login")
+    assert credentials.requests("token/pair") == 1
+    assert credentials.requests("account/tokens/create-stac") == 0
+    assert CarbonMapperStacToken.load(TOKEN_BLOCK).get() == stored
+    out, err = capsys.readouterr()
+    secrets = collect_secrets(credentials, extra={"stored": stored})
+    assert_no_leak(secrets, texts={"out": out, "err": err}, exceptions=[error])
+
+
+@pytest.mark.parametrize(
+    ("block", "value", "words"),
+    [
+        (PASSWORD_BLOCK, None, ["does not exist"]),
+        (EMAIL_BLOCK, "", ["is empty"]),
+        (PASSWORD_BLOCK, "   \n", ["is empty"]),
+        (EMAIL_BLOCK, '{"email": "demo@carbonmapper.example"}', ["holds JSON (dict)"]),
+        (PASSWORD_BLOCK, {"password": "demo-password-123"}, ["holds JSON (dict)"]),
+        (PASSWORD_BLOCK, ["demo-password-123"], ["holds JSON (list)"]),
+    ],
+    ids=["missing", "empty", "whitespace", "json-text", "json-dict", "json-list"],
+)
+def test_bad_secret_block_is_named_with_the_fix_before_any_call(
+    credentials: CarbonMapperEmulator, stored: str, block: str, value: Any, words: list[str]
+) -> None:
+    name = block if value is not None else "carbon-mapper-password-missing"
+    if value is not None:
+        Secret(value=value).save(block, overwrite=True)
+
+    settings = load_settings()
+    request = resolve_request(settings, password_block=name if block == PASSWORD_BLOCK else None)
+    with pytest.raises(CredentialsBlockError) as raised:
+        run_refresh(request, settings)  # the flow's body, without a flow run's overhead
+
+    _assert_user_error(raised.value, repr(name), "cm-tasks login", *words)
+    assert credentials.requests() == 0
+    assert CarbonMapperStacToken.load(TOKEN_BLOCK).get() == stored
+    assert "demo-password-123" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "words"),
+    [
+        ({"token_name": "tab\there"}, ["control characters"]),
+        ({"token_name": "new\nline"}, ["control characters"]),
+        ({"token_name": "y" * 250}, ["250 characters", "at most 100"]),
+        ({"lifetime_days": 10_000}, ["1 to 365"]),
+        ({"password_block": "Password Block"}, ["password_block", "lowercase"]),
+    ],
+)
+def test_bad_parameter_is_rejected_before_anything_is_sent(
+    cm_env: CarbonMapperEmulator, parameters: dict[str, Any], words: list[str]
+) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        resolve_request(load_settings(), **parameters)
+
+    _assert_user_error(raised.value, *words)
+    assert cm_env.requests() == 0
+
+
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        ({"token_name": "n" * 100}, {"token_name": "n" * 100}),
+        ({"token_name": "  padded  "}, {"token_name": "padded"}),
+        ({"lifetime_days": 365}, {"lifetime_days": 365}),
+        ({"lifetime_days": 1}, {"lifetime_days": 1}),
+    ],
+)
+def test_boundary_values_are_accepted(parameters: dict[str, Any], expected: dict[str, Any]) -> None:
+    request = resolve_request(load_settings(), today=date(2030, 1, 1), **parameters)
+    for field, value in expected.items():
+        assert getattr(request, field) == value
+    assert request.expiration_date == date(2030, 1, 1) + timedelta(days=request.lifetime_days)
+
+
+@pytest.mark.parametrize(("lifetime", "warns"), [(1, True), (7, True), (8, False), (14, False)])
+def test_lifetime_within_the_weekly_interval_warns(
+    caplog: pytest.LogCaptureFixture, lifetime: int, warns: bool
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        resolve_request(load_settings(), lifetime_days=lifetime)
+
+    assert ("lapse before the next run" in caplog.text) is warns
+
+
+def test_short_lifetime_from_the_environment_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CM_TOKEN_LIFETIME_DAYS", "5")
+    with caplog.at_level(logging.WARNING):
+        request = resolve_request(load_settings())
+
+    assert request.lifetime_days == 5
+    assert "lifetime_days=5" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CM_BASE_URL", "carbonmapper-api-v1"),
+        ("CM_TIMEOUT", "thirty"),
+        ("CM_MAX_ATTEMPTS", "many"),
+        ("CM_TOKEN_LIFETIME_DAYS", "14d"),
+    ],
+)
+def test_unusable_setting_fails_the_flow_before_any_call(
+    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    state = refresh_stac_token(return_state=True)
+
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ConfigurationError)
+    _assert_user_error(error, variable, "Fix the environment variable")
+    assert value not in str(error)
+    assert credentials.requests() == 0
+
+
+def test_plain_http_to_a_remote_host_warns_before_any_call(
+    cm_env: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Secret blocks are missing, so the run stops before it could reach the network.
+    monkeypatch.setenv("CM_BASE_URL", "http://api.carbonmapper.example/api/v1/")
+
+    with pytest.warns(InsecureBaseURLWarning, match="unencrypted"):
+        state = refresh_stac_token(email_block="no-such-email-block", return_state=True)
+
+    assert isinstance(state.result(raise_on_failure=False), CredentialsBlockError)
+    assert cm_env.requests() == 0
+
+
+def test_base_url_without_trailing_slash_is_normalised_end_to_end(
+    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CM_BASE_URL", credentials.base_url.rstrip("/"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InsecureBaseURLWarning)  # loopback: no warning
+        refresh_stac_token(token_name="slash")
+
+    block = CarbonMapperStacToken.load(TOKEN_BLOCK)
+    assert block.base_url == credentials.base_url
+    assert block.get() == credentials.issued_stac_tokens[-1]
+
+
+def test_wrongly_typed_parameter_is_refused_by_prefect_before_the_run(
+    cm_env: CarbonMapperEmulator,
+) -> None:
+    with pytest.raises(ParameterTypeError, match="lifetime_days"):
+        refresh_stac_token(lifetime_days="two weeks")  # type: ignore[arg-type]
+
+    assert cm_env.requests() == 0
+
+
+def test_expiry_date_is_sent_as_a_date(credentials: CarbonMapperEmulator) -> None:
+    refresh_stac_token(lifetime_days=30)
+
+    sent = credentials.stac_token_requests[-1]["expiration_date"]
+    assert sent == (datetime.now(timezone.utc).date() + timedelta(days=30)).isoformat()
