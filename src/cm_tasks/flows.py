@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
+from pydantic import Field
 
-from cm_tasks.refresh import RefreshSummary, resolve_request, run_refresh
+from cm_tasks.refresh import (
+    MAX_LIFETIME_DAYS,
+    MAX_TOKEN_NAME_LENGTH,
+    MIN_LIFETIME_DAYS,
+    RefreshSummary,
+    resolve_request,
+    run_refresh,
+)
 from cm_tasks.settings import load_settings
+
+# Limits for the UI's run form and for the server, which checks a deployment's parameters
+# against this schema. `json_schema_extra` rather than `ge=`/`max_length=`: those would make
+# Prefect reject a bad value before resolve_request can say what is wrong in plain words.
+TokenName = Annotated[
+    str, Field(json_schema_extra={"minLength": 1, "maxLength": MAX_TOKEN_NAME_LENGTH})
+]
+LifetimeDays = Annotated[
+    int, Field(json_schema_extra={"minimum": MIN_LIFETIME_DAYS, "maximum": MAX_LIFETIME_DAYS})
+]
+BlockName = Annotated[str, Field(json_schema_extra={"pattern": "^[a-z0-9-]+$"})]
 
 
 @flow(name="refresh-stac-token", persist_result=False)
 def refresh_stac_token(
-    token_name: str | None = None,
-    lifetime_days: int | None = None,
-    email_block: str | None = None,
-    password_block: str | None = None,
-    token_block: str | None = None,
+    token_name: TokenName | None = None,
+    lifetime_days: LifetimeDays | None = None,
+    email_block: BlockName | None = None,
+    password_block: BlockName | None = None,
+    token_block: BlockName | None = None,
 ) -> dict[str, Any]:
     """Get a new Carbon Mapper STAC token and save it to a block for ingest flows.
 
@@ -39,6 +58,8 @@ def refresh_stac_token(
 
     Returns:
         A summary: token block, token name, expiry (ISO 8601, UTC) and scopes. Never the token.
+        The run also gets a markdown artifact (key: the token block's name) and emits the
+        event `carbon-mapper.stac-token.refreshed`.
 
     Example:
         ```python

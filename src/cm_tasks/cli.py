@@ -1,0 +1,346 @@
+"""The `cm-tasks` command: log in, refresh the token, check it, serve the emulator.
+
+    cm-tasks login      save the account e-mail and password to two Secret blocks (prompted)
+    cm-tasks refresh    run the refresh-stac-token flow now and print the summary
+    cm-tasks status     token name, expiry, days left; exit 0 OK, 1 EXPIRING, 2 EXPIRED,
+                        3 MISSING, 4 could not check
+    cm-tasks emulator   serve the Carbon Mapper API emulator on 127.0.0.1
+
+The password is only ever read from a hidden prompt: there is no option for it, so it never
+lands in shell history or a process list. Every command talks to the Prefect API that
+`PREFECT_API_URL` names (or Prefect's local database when it is unset).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Annotated, Any, NoReturn, cast
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cm_tasks._version import __version__
+from cm_tasks.errors import CarbonMapperError
+from cm_tasks.notify import days_left
+from cm_tasks.settings import CarbonMapperSettings, load_settings, validate_block_name
+from cm_tasks.watchdog import DEFAULT_THRESHOLD_DAYS, TokenState, TokenStatus, check_token
+
+# Typer re-exports Click's BadParameter (from its own vendored copy of Click since 0.2x):
+# its bases are that Click's UsageError and ClickException. Found this way, not imported from
+# a private module, so that any Typer version works.
+_UsageError = cast("type[typer.BadParameter]", typer.BadParameter.__mro__[1])
+_ClickException = cast("type[typer.BadParameter]", typer.BadParameter.__mro__[2])
+
+EXIT_FAILED = 1
+EXIT_CHECK_ERROR = 4
+EXIT_USAGE = 64  # BSD sysexits EX_USAGE: kept apart from status's 0-4
+STATUS_STYLES = {
+    TokenState.OK: "green",
+    TokenState.EXPIRING: "yellow",
+    TokenState.EXPIRED: "red",
+    TokenState.MISSING: "red",
+}
+
+app = typer.Typer(
+    name="cm-tasks",
+    help=(
+        "Carbon Mapper STAC tokens with Prefect: log in once, refresh the token, check how "
+        "long it has left. Uses the Prefect API in PREFECT_API_URL and the CM_* settings."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_show_locals=False,  # a traceback must never print a secret local
+)
+
+
+def _out() -> Console:
+    # Made per call: CliRunner and pytest swap sys.stdout between invocations.
+    return Console(soft_wrap=True)
+
+
+def _err() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    _err().print(f"[bold red]Error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def _api_location() -> str:
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return f"the Prefect API at {url}" if url else "Prefect's local database (no PREFECT_API_URL)"
+
+
+def _prefect_error(exc: Exception) -> str:
+    # Only the type and status: a Prefect API error body can quote the values sent.
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return (
+        f"{type(exc).__name__}{f' {status}' if status else ''} from {_api_location()}. "
+        "Start a server (`prefect server start`) or set PREFECT_API_URL, then try again."
+    )
+
+
+def _block_option(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return validate_block_name(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{exc}, e.g. carbon-mapper-email.") from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cm-tasks {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Carbon Mapper STAC tokens with Prefect."""
+
+
+@app.command()
+def login(
+    email: Annotated[
+        str | None,
+        typer.Option(help="Account e-mail; asked for when omitted.", show_default=False),
+    ] = None,
+    email_block: Annotated[
+        str | None,
+        typer.Option(
+            help="Secret block for the e-mail. Default: CM_EMAIL_BLOCK (carbon-mapper-email).",
+            callback=_block_option,
+            show_default=False,
+        ),
+    ] = None,
+    password_block: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Secret block for the password. Default: CM_PASSWORD_BLOCK "
+                "(carbon-mapper-password)."
+            ),
+            callback=_block_option,
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Save the Carbon Mapper account e-mail and password in two Prefect Secret blocks.
+
+    The password is asked for at a hidden prompt, twice, and never echoed; there is no option
+    to pass it, so it cannot end up in shell history. Run it again to change either value.
+    """
+    settings = _settings()
+    email_name = email_block or settings.email_block
+    password_name = password_block or settings.password_block
+    address = (email or typer.prompt("Carbon Mapper e-mail")).strip()
+    if "@" not in address or any(c.isspace() for c in address):
+        _fail(f"{address!r} is not an e-mail address: give the account's e-mail, name@host.")
+    password: str = typer.prompt(
+        "Carbon Mapper password",
+        hide_input=True,
+        confirmation_prompt="Repeat the password",
+    )
+    if not password.strip():
+        _fail("The password is empty; nothing was saved.")
+
+    from prefect.blocks.system import Secret
+
+    try:
+        Secret(value=address).save(email_name, overwrite=True)
+        Secret(value=password).save(password_name, overwrite=True)
+    except (httpx.HTTPError, OSError) as exc:
+        _fail(f"Could not save the Secret blocks: {_prefect_error(exc)}")
+    _out().print(
+        f"Saved the e-mail to Secret block {email_name!r} and the password to Secret block "
+        f"{password_name!r} in {_api_location()}.\n"
+        "Next: `cm-tasks refresh` (or run the refresh-stac-token deployment).",
+        highlight=False,
+    )
+
+
+@app.command()
+def refresh(
+    token_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Name of the new token. Default: prefect-<UTC date and time>.",
+            show_default=False,
+        ),
+    ] = None,
+    lifetime_days: Annotated[
+        int | None,
+        typer.Option(
+            help="Days the token stays valid, 1-365. Default: CM_TOKEN_LIFETIME_DAYS (14).",
+            show_default=False,
+        ),
+    ] = None,
+    email_block: Annotated[
+        str | None,
+        typer.Option(
+            help="Secret block with the e-mail. Default: CM_EMAIL_BLOCK.", show_default=False
+        ),
+    ] = None,
+    password_block: Annotated[
+        str | None,
+        typer.Option(
+            help="Secret block with the password. Default: CM_PASSWORD_BLOCK.", show_default=False
+        ),
+    ] = None,
+    token_block: Annotated[
+        str | None,
+        typer.Option(
+            help="Block to save the token to. Default: CM_TOKEN_BLOCK.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Run the refresh-stac-token flow now, in this process, and print what it saved.
+
+    Prints the block, token name, expiry and scopes - never the token. Exits 1 with the
+    flow's error message when the refresh fails; the stored token is then unchanged.
+    """
+    from cm_tasks.flows import refresh_stac_token
+
+    try:
+        summary: dict[str, Any] = refresh_stac_token(
+            token_name=token_name,
+            lifetime_days=lifetime_days,
+            email_block=email_block,
+            password_block=password_block,
+            token_block=token_block,
+        )
+    except CarbonMapperError as exc:
+        _fail(f"The refresh failed: {exc}")
+    except (httpx.HTTPError, OSError) as exc:
+        _fail(f"The refresh failed: {_prefect_error(exc)}")
+    expires_at = datetime.fromisoformat(summary["expires_at"])
+    table = Table(title="STAC token refreshed", show_header=False, title_justify="left")
+    table.add_row("block", summary["token_block"])
+    table.add_row("token name", summary["token_name"])
+    table.add_row("expires", f"{expires_at:%Y-%m-%d %H:%M} UTC")
+    table.add_row("days left", f"{days_left(expires_at):.1f}")
+    table.add_row("scopes", ", ".join(summary["scopes"]) or "none listed")
+    _out().print(table)
+
+
+@app.command()
+def status(
+    token_block: Annotated[
+        str | None,
+        typer.Option(
+            help="Token block to check. Default: CM_TOKEN_BLOCK (carbon-mapper-stac-token).",
+            callback=_block_option,
+            show_default=False,
+        ),
+    ] = None,
+    threshold_days: Annotated[
+        float,
+        typer.Option(min=0, max=365, help="EXPIRING when this many days or fewer are left."),
+    ] = DEFAULT_THRESHOLD_DAYS,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the status as JSON (for scripts).")
+    ] = False,
+) -> None:
+    """Show the saved token's name, expiry and days left; the exit code says how it stands.
+
+    Exit codes: 0 OK, 1 EXPIRING (within --threshold-days), 2 EXPIRED, 3 MISSING (no such
+    block), 4 could not check (Prefect API unreachable, bad setting, unreadable block).
+    Reads the block only: no call to the Carbon Mapper API.
+    """
+    block_name = token_block or _settings(EXIT_CHECK_ERROR).token_block
+    try:
+        result = check_token(block_name, threshold_days)
+    except CarbonMapperError as exc:
+        _fail(str(exc), EXIT_CHECK_ERROR)
+    except (httpx.HTTPError, OSError) as exc:
+        _fail(f"Could not read the token block: {_prefect_error(exc)}", EXIT_CHECK_ERROR)
+    if as_json:
+        typer.echo(json.dumps({**result.model_dump(mode="json"), "message": result.message}))
+    else:
+        _print_status(result)
+    raise typer.Exit(result.state.exit_code)
+
+
+def _print_status(result: TokenStatus) -> None:
+    style = STATUS_STYLES[result.state]
+    table = Table(show_header=False, box=None)
+    table.add_row("status", f"[bold {style}]{result.state.value}[/]")
+    table.add_row("block", result.token_block)
+    if result.expires_at is not None:
+        table.add_row("token name", result.token_name or "")
+        table.add_row("expires", f"{result.expires_at:%Y-%m-%d %H:%M} UTC")
+        table.add_row("days left", f"{result.days_left:.1f}")
+        table.add_row("scopes", ", ".join(result.scopes) or "none listed")
+    out = _out()
+    out.print(table)
+    if not result.ok:
+        out.print(result.message, highlight=False, markup=False)
+
+
+@app.command()
+def emulator(
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="TCP port on 127.0.0.1; 0 picks a free one.")
+    ] = 8787,
+    latency: Annotated[
+        float, typer.Option(min=0, help="Delay in seconds added to every request.")
+    ] = 0.0,
+) -> None:
+    """Serve the Carbon Mapper API emulator on 127.0.0.1 until Ctrl-C.
+
+    Prints its base URL and the demo account (a fake one). Point cm-tasks at it with
+    CM_BASE_URL=http://127.0.0.1:PORT/api/v1/.
+    """
+    from cm_tasks.testing.__main__ import serve
+
+    serve(port, latency)
+
+
+def _settings(code: int = EXIT_FAILED) -> CarbonMapperSettings:
+    try:
+        return load_settings()
+    except CarbonMapperError as exc:
+        _fail(str(exc), code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point of the `cm-tasks` console script.
+
+    Like Typer's own, except that usage errors exit 64 (EX_USAGE) rather than 2, which
+    `cm-tasks status` uses for EXPIRED.
+
+    Example:
+        ```python
+        from cm_tasks.cli import main
+
+        main(["status", "--json"])  # exits with the status code
+        ```
+    """
+    try:
+        result = app(args=argv, prog_name="cm-tasks", standalone_mode=False)
+    except _UsageError as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except _ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(EXIT_FAILED)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,267 @@
+"""The expiry watchdog: is the saved STAC token there, and how long does it have left?
+
+Reads the `CarbonMapperStacToken` block only - no call to the Carbon Mapper API - so it is
+cheap enough to run daily. `check_token` gives a `TokenStatus` (used by `cm-tasks status`);
+the `check-stac-token` flow publishes it and fails, with the event
+`carbon-mapper.stac-token.expiring`, when the token is missing, expired or expiring soon.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Any, cast
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+from prefect.exceptions import ObjectNotFound
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cm_tasks.blocks import CarbonMapperStacToken
+from cm_tasks.errors import CarbonMapperError, ConfigurationError, TokenBlockError
+from cm_tasks.flows import BlockName
+from cm_tasks.notify import (
+    EXPIRING_EVENT,
+    artifact_key,
+    days_left,
+    in_run,
+    markdown_table,
+    token_resource,
+)
+from cm_tasks.settings import load_settings, validate_block_name
+
+DEFAULT_THRESHOLD_DAYS = 3.0
+MAX_THRESHOLD_DAYS = 365.0
+REFRESH_HINT = (
+    "Run the refresh now: `prefect deployment run refresh-stac-token/weekly` "
+    "(or `cm-tasks refresh`)."
+)
+
+
+class TokenState(str, Enum):
+    """How the saved token stands; the value is also `cm-tasks status`'s exit code's name."""
+
+    OK = "OK"
+    EXPIRING = "EXPIRING"
+    EXPIRED = "EXPIRED"
+    MISSING = "MISSING"
+
+    @property
+    def exit_code(self) -> int:
+        """`cm-tasks status` exit code: 0 OK, 1 EXPIRING, 2 EXPIRED, 3 MISSING."""
+        return list(TokenState).index(self)
+
+
+class StacTokenExpiringError(CarbonMapperError):
+    """The saved STAC token is missing, expired, or expires within the watchdog's threshold."""
+
+
+class TokenStatus(BaseModel):
+    """What the watchdog found in the token block; safe to log and return (never the token).
+
+    Example:
+        ```python
+        from cm_tasks.watchdog import check_token
+
+        status = check_token("carbon-mapper-stac-token", threshold_days=3)
+        print(status.state.value, status.days_left, status.message)
+        ```
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    state: TokenState
+    token_block: str
+    threshold_days: float
+    checked_at: datetime
+    token_name: str | None = None
+    expires_at: datetime | None = None
+    days_left: float | None = None
+    scopes: list[str] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the token is there and valid for longer than the threshold."""
+        return self.state is TokenState.OK
+
+    @property
+    def message(self) -> str:
+        """One sentence an operator can act on."""
+        if self.state is TokenState.MISSING:
+            return (
+                f"MISSING: there is no CarbonMapperStacToken block named {self.token_block!r}. "
+                + REFRESH_HINT
+            )
+        expiry = f"{self.expires_at:%Y-%m-%d %H:%M} UTC"
+        what = f"The STAC token {self.token_name!r} in block {self.token_block!r}"
+        if self.state is TokenState.EXPIRED:
+            return f"EXPIRED: {what} expired on {expiry}. " + REFRESH_HINT
+        if self.state is TokenState.EXPIRING:
+            return (
+                f"EXPIRING: {what} expires on {expiry}, in {self.days_left:.1f} days "
+                f"(threshold {self.threshold_days:g} days). " + REFRESH_HINT
+            )
+        return f"OK: {what} expires on {expiry}, in {self.days_left:.1f} days."
+
+
+def check_threshold(threshold_days: float) -> float:
+    """Return threshold_days if usable, else raise ConfigurationError saying why."""
+    if not 0 <= threshold_days <= MAX_THRESHOLD_DAYS:
+        raise ConfigurationError(
+            f"threshold_days is {threshold_days:g}; it must be from 0 to "
+            f"{MAX_THRESHOLD_DAYS:g} days (default {DEFAULT_THRESHOLD_DAYS:g})."
+        )
+    return float(threshold_days)
+
+
+def load_token_block(token_block: str) -> CarbonMapperStacToken | None:
+    """The token block, or None when there is no such block.
+
+    Raises:
+        TokenBlockError: the block exists but cannot be read as a token block.
+    """
+    try:
+        # _sync: a sync read even when called from async code (async_dispatch would await)
+        block = CarbonMapperStacToken.load(token_block, _sync=True)  # type: ignore[call-arg]
+    except (ValidationError, RuntimeError):
+        # Prefect raises RuntimeError from pydantic's ValidationError, whose message quotes
+        # the stored values, the token included: neither is chained.
+        raise TokenBlockError(
+            f"The block {token_block!r} exists but is not a readable CarbonMapperStacToken. "
+            "Run the refresh-stac-token flow to write it again."
+        ) from None
+    except (ValueError, ObjectNotFound):
+        return None
+    return cast(CarbonMapperStacToken, block)
+
+
+def check_token(
+    token_block: str,
+    threshold_days: float = DEFAULT_THRESHOLD_DAYS,
+    now: datetime | None = None,
+) -> TokenStatus:
+    """Read the token block and say whether the token is OK, expiring, expired or missing.
+
+    Args:
+        token_block: name of the CarbonMapperStacToken block.
+        threshold_days: a token with this many days left or fewer is EXPIRING.
+        now: the time to compare with (tests); default the current UTC time.
+
+    Raises:
+        ConfigurationError: the block name or threshold is unusable.
+        TokenBlockError: the block exists but cannot be read.
+    """
+    block_name = _block_name(token_block)
+    threshold = check_threshold(threshold_days)
+    checked_at = now or datetime.now(timezone.utc)
+    token = load_token_block(block_name)
+    if token is None:
+        return TokenStatus(
+            state=TokenState.MISSING,
+            token_block=block_name,
+            threshold_days=threshold,
+            checked_at=checked_at,
+        )
+    left = days_left(token.expires_at, checked_at)
+    if token.expires_at <= checked_at:
+        state = TokenState.EXPIRED
+    elif left <= threshold:
+        state = TokenState.EXPIRING
+    else:
+        state = TokenState.OK
+    return TokenStatus(
+        state=state,
+        token_block=block_name,
+        threshold_days=threshold,
+        checked_at=checked_at,
+        token_name=token.name,
+        expires_at=token.expires_at,
+        days_left=left,
+        scopes=list(token.scopes),
+    )
+
+
+def _block_name(value: str) -> str:
+    try:
+        return validate_block_name(value)
+    except ValueError as exc:
+        raise ConfigurationError(f"token_block: {exc}.") from None
+
+
+def status_payload(status: TokenStatus) -> dict[str, Any]:
+    """The event payload of a check: state, block, token name, expiry, days left, threshold."""
+    return status.model_dump(mode="json", exclude={"checked_at"})
+
+
+def publish_status(status: TokenStatus) -> None:
+    """Add the check's markdown artifact (inside a run); emit the expiring event unless OK."""
+    if not status.ok:
+        emit_event(
+            EXPIRING_EVENT,
+            resource=token_resource(status.token_block),
+            payload={**status_payload(status), "message": status.message},
+        )
+    if not in_run():
+        return
+    rows: list[tuple[str, object]] = [("Status", status.state.value), ("Block", status.token_block)]
+    if status.expires_at is not None:
+        rows += [
+            ("Token name", status.token_name),
+            ("Expires", f"{status.expires_at:%Y-%m-%d %H:%M} UTC"),
+            ("Days left", f"{status.days_left:.1f}"),
+        ]
+    rows.append(("Threshold", f"{status.threshold_days:g} days"))
+    create_markdown_artifact(
+        markdown_table(
+            "Carbon Mapper STAC token check",
+            rows,
+            footer="" if status.ok else status.message,
+        ),
+        key=artifact_key(status.token_block, "check"),
+        description=f"Days left on the STAC token in block {status.token_block}.",
+        _sync=True,  # type: ignore[call-arg]  # sync even inside an async flow (else a coroutine)
+    )
+
+
+@flow(name="check-stac-token", persist_result=False)
+def check_stac_token(
+    threshold_days: Annotated[
+        float, Field(json_schema_extra={"minimum": 0, "maximum": MAX_THRESHOLD_DAYS})
+    ] = DEFAULT_THRESHOLD_DAYS,
+    token_block: BlockName | None = None,
+) -> dict[str, Any]:
+    """Check the saved STAC token; fail when it is missing, expired or about to expire.
+
+    Reads the CarbonMapperStacToken block only (no call to the Carbon Mapper API), leaves a
+    markdown artifact with the days left, and - when the token is missing, expired or expires
+    within threshold_days - emits the event `carbon-mapper.stac-token.expiring` and fails with
+    a message saying what to do.
+
+    Args:
+        threshold_days: Fail when the token has this many days left or fewer, 0 to 365.
+            Default: 3.
+        token_block: Block holding the token. Default: CM_TOKEN_BLOCK
+            (carbon-mapper-stac-token).
+
+    Returns:
+        The status: state, block, token name, expiry, days left, threshold. Never the token.
+
+    Raises:
+        StacTokenExpiringError: the token is missing, expired or expiring.
+
+    Example:
+        ```python
+        from cm_tasks.watchdog import check_stac_token
+
+        status = check_stac_token(threshold_days=5)
+        print(status["state"], status["days_left"])
+        ```
+    """
+    block_name = load_settings().token_block if token_block is None else token_block
+    status = check_token(block_name, threshold_days)
+    publish_status(status)
+    if not status.ok:
+        raise StacTokenExpiringError(status.message)
+    get_run_logger().info(status.message)
+    return status_payload(status)

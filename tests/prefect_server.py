@@ -1,0 +1,218 @@
+"""A real `prefect server start` for tests that need one: deployments, workers, events.
+
+`prefect_test_harness` runs the API inside the test process, which is enough for flows run in
+process. A worker, `prefect deploy` or any other subprocess needs a server it can reach over
+HTTP: `running_prefect_server()` starts one on a free 127.0.0.1 port with its own temporary
+`PREFECT_HOME` (so its own SQLite database, unless `extra_env` says otherwise), waits until
+`/api/health` answers, and stops it by PID.
+
+Example:
+    ```python
+    from tests.prefect_server import running_prefect_server
+
+    def test_something(tmp_path):
+        with running_prefect_server(tmp_path) as server:
+            server.prefect("work-pool", "create", "my-pool", "--type", "process")
+            assert server.http().get("/work_pools/my-pool").status_code == 200
+    ```
+
+    A PostgreSQL-backed server takes the database URL as an extra variable:
+    ```python
+    with running_prefect_server(
+        tmp_path,
+        extra_env={"PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://..."},
+    ) as server:
+        ...
+    ```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT = 90.0
+STOP_TIMEOUT = 15.0
+COMMAND_TIMEOUT = 180.0
+
+# Settings of the developer's machine or of the test process that must not reach the server or
+# the commands run against it: each server gets exactly the environment this module builds.
+_INHERITED_PREFIXES_DROPPED = ("PREFECT_",)
+
+
+def prefect_executable() -> str:
+    """The `prefect` console script of the running interpreter's environment."""
+    candidate = Path(sys.executable).with_name("prefect")
+    return str(candidate) if candidate.exists() else "prefect"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def base_environment(home: Path, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without any `PREFECT_*`, plus a private home and no telemetry."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_INHERITED_PREFIXES_DROPPED)}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # A test waits for what it asked for; nothing should prompt.
+        PREFECT_CLI_PROMPT="false",
+    )
+    env.update(extra_env or {})
+    return env
+
+
+@dataclass
+class PrefectServer:
+    """A running `prefect server start` and how to talk to it."""
+
+    api_url: str
+    home: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    commands: list[subprocess.CompletedProcess[str]] = field(default_factory=list)
+
+    def client_env(self, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Environment for a client process (CLI, worker) of this server."""
+        env = dict(self.env)
+        env["PREFECT_API_URL"] = self.api_url
+        env.update(extra_env or {})
+        return env
+
+    def prefect(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        timeout: float = COMMAND_TIMEOUT,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `prefect ARGS...` against this server and return its output.
+
+        Raises:
+            AssertionError: check is true and the command failed; shows its output.
+        """
+        result = subprocess.run(
+            [prefect_executable(), *args],
+            cwd=cwd or self.home,
+            env=self.client_env(extra_env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        self.commands.append(result)
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"`prefect {' '.join(args)}` exited {result.returncode}:\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def http(self) -> httpx.Client:
+        """An HTTP client for the REST API (`/api` is the base path)."""
+        return httpx.Client(base_url=self.api_url.rstrip("/") + "/", timeout=30)
+
+    def log(self) -> str:
+        """What the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+def _wait_until_healthy(server: PrefectServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2) as http:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(
+                    f"prefect server start exited {server.process.returncode}:\n{server.log()}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if http.get(f"{server.api_url}/health").status_code == 200:
+                    return
+            time.sleep(0.25)
+    raise RuntimeError(
+        f"prefect server start did not answer /api/health within {timeout:.0f} s:\n{server.log()}"
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    # The server runs in its own session: signal its process group, by the PID we started,
+    # so that any helper process it spawned goes too.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=STOP_TIMEOUT)
+
+
+@contextlib.contextmanager
+def running_prefect_server(
+    directory: Path,
+    extra_env: Mapping[str, str] | None = None,
+    startup_timeout: float = STARTUP_TIMEOUT,
+    services: bool = True,
+) -> Iterator[PrefectServer]:
+    """Start `prefect server start` on a free 127.0.0.1 port; stop it on exit.
+
+    Args:
+        directory: where the server's `PREFECT_HOME` (database, logs) goes.
+        extra_env: more variables for the server and its clients, e.g.
+            `PREFECT_API_DATABASE_CONNECTION_URL` for PostgreSQL.
+        startup_timeout: seconds to wait for `/api/health`.
+        services: run the background services (event persister, triggers, ...); without
+            them only the API and UI run.
+
+    Raises:
+        RuntimeError: the server exited or did not become healthy in time; shows its output.
+    """
+    home = directory / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = base_environment(home, extra_env)
+    log_path = home / "server.log"
+    args = [prefect_executable(), "server", "start", "--host", HOST, "--port", str(port)]
+    if not services:
+        args.append("--no-services")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            args,
+            cwd=home,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = PrefectServer(
+        api_url=f"http://{HOST}:{port}/api",
+        home=home,
+        env=env,
+        process=process,
+        log_path=log_path,
+    )
+    try:
+        _wait_until_healthy(server, startup_timeout)
+        yield server
+    finally:
+        _stop(process)
