@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from cm_tasks.testing import _catalog
 from cm_tasks.testing._faults import Fault
-from cm_tasks.testing._state import EmulatorState, path_key
+from cm_tasks.testing._state import STAC_SCOPES, EmulatorState, path_key
 
 if TYPE_CHECKING:
     from cm_tasks.testing._server import BackgroundServer
@@ -148,6 +149,29 @@ class CarbonMapperEmulator:
         """Drop every queued fault."""
         self._state.clear_faults()
 
+    def issue_stac_token(self, name: str = "test-token", lifetime_days: int = 14) -> dict[str, Any]:
+        """Mint a STAC token for the demo account without an HTTP request (no counter moves).
+
+        The token is recorded in :attr:`issued_stac_tokens` like any other. Fixtures use it to
+        put a valid token in place without disturbing a test's request counts.
+
+        Returns:
+            The body ``account/tokens/create-stac`` would have answered with.
+        """
+        user_id = self._state.authenticate(DEMO_EMAIL, DEMO_PASSWORD)
+        if user_id is None:  # pragma: no cover - the demo account is added in __init__
+            raise RuntimeError("the demo account is missing")
+        expires = datetime.now(timezone.utc).date() + timedelta(days=lifetime_days)
+        token_id, token, created = self._state.issue_stac_token(user_id, expires)
+        return {
+            "id": token_id,
+            "name": name,
+            "token_value": token,
+            "expiration_date": expires.isoformat(),
+            "scopes": list(STAC_SCOPES),
+            "created": created.isoformat(),
+        }
+
     # --- observation ---------------------------------------------------------------------
 
     def requests(self, path: str | None = None) -> int:
@@ -157,6 +181,10 @@ class CarbonMapperEmulator:
         ``"stac/"`` and ``"stac"`` both mean the landing page.
         """
         return self._state.count(None if path is None else path_key(path))
+
+    def connections(self) -> int:
+        """How many TCP connections sent requests (distinct client address and port)."""
+        return self._state.connection_count()
 
     @property
     def request_log(self) -> list[tuple[str, str, int]]:

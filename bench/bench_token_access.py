@@ -1,0 +1,112 @@
+"""Benchmark: 200 mapped tasks calling get_stac_token() vs the token passed in as a literal.
+
+Also times today's naive pattern (each task loads the block) and counts block reads.
+
+    .venv/bin/python bench/bench_token_access.py [--tasks 200] [--rounds 3]
+
+Prints figures; target: get_stac_token() <= 1.15x the literal, one block read per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import report
+from _setup import bench_environment
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+
+    from prefect import flow, task, unmapped
+
+    from cm_tasks import (
+        CarbonMapperStacToken,
+        clear_token_cache,
+        get_stac_token,
+        token_cache_info,
+    )
+
+    @task(persist_result=False)
+    def with_literal(token: str, n: int) -> int:
+        return len(token) + n
+
+    @task(persist_result=False)
+    def with_get_stac_token(n: int) -> int:
+        return len(get_stac_token()) + n
+
+    @task(persist_result=False)
+    def with_block_load(n: int) -> int:
+        block = CarbonMapperStacToken.load("carbon-mapper-stac-token")
+        return len(block.get()) + n
+
+    @flow(persist_result=False)
+    def literal_flow(count: int) -> None:
+        token = get_stac_token()  # read once, then handed to every task as a literal
+        with_literal.map(unmapped(token), range(count)).wait()
+
+    @flow(persist_result=False)
+    def get_stac_token_flow(count: int) -> None:
+        with_get_stac_token.map(range(count)).wait()
+
+    @flow(persist_result=False)
+    def block_load_flow(count: int) -> None:
+        with_block_load.map(range(count)).wait()
+
+    variants = {
+        "literal": literal_flow,
+        "get_stac_token": get_stac_token_flow,
+        "block_load": block_load_flow,
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    reads: list[int] = []
+    with bench_environment():
+        literal_flow(5)  # warm up: imports, server caches
+        get_stac_token_flow(5)
+        for round_ in range(args.rounds):
+            # Alternate the order so that drift on a shared machine hits both alike; the slow
+            # naive variant runs once.
+            order = ["literal", "get_stac_token"][:: 1 if round_ % 2 == 0 else -1]
+            for name in order + (["block_load"] if round_ == 0 else []):
+                variant = variants[name]
+                clear_token_cache()  # every get_stac_token round starts cold: one block read
+                before = token_cache_info().block_reads
+                started = time.perf_counter()
+                variant(args.tasks)
+                times[name].append(time.perf_counter() - started)
+                if name == "get_stac_token":
+                    reads.append(token_cache_info().block_reads - before)
+
+    median = {name: statistics.median(values) for name, values in times.items()}
+    base = median["literal"]
+    print(
+        f"{args.tasks} mapped tasks, wall-clock of the flow, median of {args.rounds} rounds "
+        "(block_load: 1 round):"
+    )
+    for name, value in median.items():
+        rounds = " ".join(f"{v:.2f}" for v in times[name])
+        print(f"  {name:15s} {value:6.2f} s   {value / base:5.2f}x the literal   [{rounds}]")
+    print(f"  block reads per get_stac_token flow run (cold cache): {reads}")
+    ratio = median["get_stac_token"] / base
+    report(
+        f"{args.tasks} mapped tasks: get_stac_token() / literal token", f"{ratio:.2f}", "<= 1.15"
+    )
+    report(
+        f"{args.tasks} mapped tasks: naive block load per task / literal",
+        f"{median['block_load'] / base:.2f}",
+        "(reference; measured 5.3 before)",
+    )
+    report("block reads per process while the token is fresh", str(max(reads)), "<= 1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

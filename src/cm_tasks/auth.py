@@ -1,0 +1,164 @@
+"""httpx authentication with the STAC token, renewed once when the API answers 401.
+
+`CarbonMapperAuth` adds `Authorization: Bearer <token>` from `get_stac_token()` to every
+request. When a request comes back 401 (the token was revoked, or expired early), it drops the
+cached token, re-reads the block or refreshes, and sends the request once more. Only hosts of
+the API base URL get the token, so following an asset link to another host never leaks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Generator
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from cm_tasks.access import (
+    DEFAULT_MIN_VALID,
+    aget_stac_token,
+    arenew_rejected_token,
+    get_stac_token,
+    renew_rejected_token,
+)
+from cm_tasks.client import USER_AGENT
+from cm_tasks.settings import load_settings
+
+
+def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+    parts = urlsplit(str(url))
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return (parts.scheme, (parts.hostname or "").lower(), parts.port or default)
+
+
+class CarbonMapperAuth(httpx.Auth):
+    """An `httpx.Auth` that sends the STAC token, renewing it once on a 401.
+
+    Works with `httpx.Client` and `httpx.AsyncClient` (the async flow never blocks the event
+    loop). The token is sent only to the scheme, host and port of the API base URL.
+
+    Args:
+        block_name: the `CarbonMapperStacToken` block; default `CM_TOKEN_BLOCK`.
+        min_valid: how long the token must stay valid when a request is sent (default 1 h).
+        base_url: the API whose host gets the token; default `CM_BASE_URL`.
+
+    Example:
+        ```python
+        import httpx
+        from cm_tasks.auth import CarbonMapperAuth
+
+        with httpx.Client(auth=CarbonMapperAuth()) as http:
+            response = http.get("https://api.carbonmapper.org/api/v1/catalog/plume-csv")
+        ```
+    """
+
+    requires_request_body = True  # the body is sent twice on a 401: keep it readable
+
+    def __init__(
+        self,
+        block_name: str | None = None,
+        *,
+        min_valid: timedelta = DEFAULT_MIN_VALID,
+        base_url: str | None = None,
+    ) -> None:
+        self.block_name = block_name
+        self.min_valid = min_valid
+        self._origin = _origin(base_url or load_settings().base_url)
+
+    def __repr__(self) -> str:
+        return f"CarbonMapperAuth(block_name={self.block_name!r})"
+
+    def _ours(self, request: httpx.Request) -> bool:
+        return _origin(request.url) == self._origin
+
+    @staticmethod
+    def _with_token(request: httpx.Request, token: str) -> httpx.Request:
+        request.headers["Authorization"] = f"Bearer {token}"
+        return request
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        """Send with the token; on a 401, renew the token once and send again."""
+        if not self._ours(request):
+            yield request
+            return
+        token = get_stac_token(self.block_name, min_valid=self.min_valid)
+        response = yield self._with_token(request, token)
+        if response.status_code == 401:
+            token = renew_rejected_token(self.block_name, token, self.min_valid)
+            yield self._with_token(request, token)
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """Send with the token; on a 401, renew the token once and send again."""
+        if not self._ours(request):
+            yield request
+            return
+        token = await aget_stac_token(self.block_name, min_valid=self.min_valid)
+        response = yield self._with_token(request, token)
+        if response.status_code == 401:
+            token = await arenew_rejected_token(self.block_name, token, self.min_valid)
+            yield self._with_token(request, token)
+
+
+def _client_kwargs(
+    block_name: str | None, min_valid: timedelta, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    settings = load_settings()
+    kwargs.setdefault("base_url", settings.base_url)
+    kwargs.setdefault("timeout", httpx.Timeout(settings.timeout, connect=min(settings.timeout, 10)))
+    kwargs.setdefault("follow_redirects", True)
+    headers = {"User-Agent": USER_AGENT, **dict(kwargs.pop("headers", None) or {})}
+    kwargs["headers"] = headers
+    kwargs["auth"] = CarbonMapperAuth(
+        block_name, min_valid=min_valid, base_url=str(kwargs["base_url"])
+    )
+    return kwargs
+
+
+def stac_http_client(
+    block_name: str | None = None,
+    *,
+    min_valid: timedelta = DEFAULT_MIN_VALID,
+    **kwargs: Any,
+) -> httpx.Client:
+    """An `httpx.Client` for the Carbon Mapper API that authenticates with the STAC token.
+
+    Base URL, time-out and User-Agent come from the `CM_*` settings; redirects are followed
+    (the token is never sent to another host). Other keyword arguments go to `httpx.Client`.
+
+    Example:
+        ```python
+        from cm_tasks.auth import stac_http_client
+
+        with stac_http_client() as http:
+            csv_page = http.get("catalog/plume-csv", params={"limit": 100}).text
+        ```
+    """
+    return httpx.Client(**_client_kwargs(block_name, min_valid, kwargs))
+
+
+def async_stac_http_client(
+    block_name: str | None = None,
+    *,
+    min_valid: timedelta = DEFAULT_MIN_VALID,
+    **kwargs: Any,
+) -> httpx.AsyncClient:
+    """The `httpx.AsyncClient` twin of `stac_http_client`.
+
+    Example:
+        ```python
+        import asyncio
+        from cm_tasks.auth import async_stac_http_client
+
+        async def main() -> None:
+            async with async_stac_http_client() as http:
+                print((await http.get("stac/search", params={"limit": 1})).status_code)
+
+        asyncio.run(main())
+        ```
+    """
+    return httpx.AsyncClient(**_client_kwargs(block_name, min_valid, kwargs))

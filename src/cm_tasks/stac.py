@@ -1,0 +1,114 @@
+"""Open the Carbon Mapper STAC API with pystac-client, authenticated with the STAC token.
+
+Needs the optional extra: `pip install 'cm-tasks[stac]'` (pystac-client). Importing `cm_tasks`
+never imports this module, so the package works without pystac-client.
+
+The token is added when each request is *sent*, by a `requests` transport adapter mounted on
+the API base URL only: pystac-client's debug log of request headers never shows it, other
+hosts never receive it, a long-lived catalog picks up a refreshed token, and a 401 makes the
+adapter renew the token once and resend.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from cm_tasks.access import DEFAULT_MIN_VALID, get_stac_token, renew_rejected_token
+from cm_tasks.settings import load_settings
+
+try:
+    import requests
+    from pystac_client import Client
+    from pystac_client.stac_api_io import StacApiIO
+    from requests.adapters import HTTPAdapter
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "cm_tasks.stac needs pystac-client: install it with `pip install 'cm-tasks[stac]'`."
+    ) from exc
+
+__all__ = ["TokenAdapter", "open_catalog"]
+
+_MAX_RETRIES = 5  # pystac-client's default for its own adapters
+
+
+class TokenAdapter(HTTPAdapter):
+    """A `requests` adapter that sends the STAC token and renews it once on a 401.
+
+    Mount it on the API base URL of a `requests.Session`; `open_catalog` does.
+
+    Example:
+        ```python
+        import requests
+        from cm_tasks.stac import TokenAdapter
+
+        session = requests.Session()
+        session.mount("https://api.carbonmapper.org/api/v1/", TokenAdapter())
+        ```
+    """
+
+    def __init__(
+        self,
+        block_name: str | None = None,
+        *,
+        min_valid: timedelta = DEFAULT_MIN_VALID,
+        max_retries: int = _MAX_RETRIES,
+    ) -> None:
+        super().__init__(max_retries=max_retries)
+        self.block_name = block_name
+        self.min_valid = min_valid
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, **kwargs: Any
+    ) -> requests.Response:
+        """Send with `Authorization: Bearer`; on a 401, renew the token and send once more."""
+        token = get_stac_token(self.block_name, min_valid=self.min_valid)
+        signed = request.copy()
+        signed.headers["Authorization"] = f"Bearer {token}"
+        response = super().send(signed, **kwargs)
+        if response.status_code != 401:
+            return response
+        response.close()
+        token = renew_rejected_token(self.block_name, token, self.min_valid)
+        signed = request.copy()
+        signed.headers["Authorization"] = f"Bearer {token}"
+        return super().send(signed, **kwargs)
+
+
+def open_catalog(
+    block_name: str | None = None,
+    *,
+    min_valid: timedelta = DEFAULT_MIN_VALID,
+    url: str | None = None,
+    **kwargs: Any,
+) -> Client:
+    """Open the Carbon Mapper STAC API (`<CM_BASE_URL>stac/`) as a pystac-client `Client`.
+
+    Every request to the API carries the STAC token of `get_stac_token(block_name)`, fetched
+    when the request is sent (so the catalog stays usable across a token refresh).
+
+    Args:
+        block_name: the `CarbonMapperStacToken` block; default `CM_TOKEN_BLOCK`.
+        min_valid: how long the token must stay valid when a request is sent (default 1 h).
+        url: the STAC API root; default `CM_BASE_URL` + `stac/`.
+        **kwargs: passed on to `pystac_client.Client.open` (e.g. `timeout`, `modifier`).
+
+    Returns:
+        The opened catalog.
+
+    Example:
+        ```python
+        from cm_tasks.stac import open_catalog
+
+        catalog = open_catalog()
+        search = catalog.search(
+            collections=["l4a-ch4"], query={"cm:emission": {"gt": 1000}}, max_items=10
+        )
+        for item in search.items():
+            print(item.id, item.properties["cm:emission"])
+        ```
+    """
+    settings = load_settings()
+    stac_io = StacApiIO(max_retries=_MAX_RETRIES, timeout=kwargs.pop("timeout", settings.timeout))
+    stac_io.session.mount(settings.base_url, TokenAdapter(block_name, min_valid=min_valid))
+    return Client.open(url or f"{settings.base_url}stac/", stac_io=stac_io, **kwargs)

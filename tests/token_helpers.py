@@ -1,0 +1,59 @@
+"""Helpers for the tests of get_stac_token, the httpx auth, the STAC client and ingest."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import datetime, timedelta, timezone
+
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
+
+from cm_tasks import CarbonMapperStacToken
+from cm_tasks.testing import CarbonMapperEmulator
+
+TOKEN_BLOCK = "carbon-mapper-stac-token"
+CREATE_STAC = "account/tokens/create-stac"
+
+
+def save_token(
+    emulator: CarbonMapperEmulator,
+    token: str,
+    expires_in: timedelta,
+    block_name: str = TOKEN_BLOCK,
+) -> CarbonMapperStacToken:
+    """Save token to the block with an expiry of now + expires_in (whatever the JWT says)."""
+    now = datetime.now(timezone.utc)
+    block = CarbonMapperStacToken(
+        token=token,  # type: ignore[arg-type]
+        name="saved-by-test",
+        expires_at=now + expires_in,
+        created_at=now,
+        scopes=["stac", "catalog:read"],
+        base_url=emulator.base_url,
+    )
+    # _sync: async tests call this from the event loop's thread, where save() is a coroutine.
+    block.save(block_name, overwrite=True, _sync=True)  # type: ignore[call-arg]
+    return block
+
+
+def mint(emulator: CarbonMapperEmulator) -> str:
+    """A valid STAC token, without an HTTP request."""
+    return str(emulator.issue_stac_token()["token_value"])
+
+
+def delete_token_block(block_name: str = TOKEN_BLOCK) -> None:
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
+        client.delete_block_document(
+            client.read_block_document_by_name(block_name, "carbon-mapper-stac-token").id
+        )
+
+
+def stored_token(block_name: str = TOKEN_BLOCK) -> str:
+    block = CarbonMapperStacToken.load(block_name, _sync=True)  # type: ignore[call-arg]
+    return str(block.get())
+
+
+def assert_no_secrets(text: str, emulator: CarbonMapperEmulator) -> None:
+    assert emulator.password not in text
+    for token in emulator.issued_access_tokens + emulator.issued_stac_tokens:
+        assert token not in text
