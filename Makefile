@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # No telemetry from an offline machine; keeps logs clean too.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test e2e bench lint format clean
 
 install: $(STAMP)
 
@@ -23,17 +23,25 @@ demo: install
 
 ## lint: ruff (lint + format check) and mypy --strict on src/
 lint: install
-	$(VENV)/bin/ruff check src tests flows
-	$(VENV)/bin/ruff format --check src tests flows
+	$(VENV)/bin/ruff check src tests flows bench
+	$(VENV)/bin/ruff format --check src tests flows bench
 	$(VENV)/bin/mypy
 
-## test: lint, type-check, then the whole test suite
+## test: lint, type-check, then the test suite (all but the scale-out run)
 test: lint
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m "not scale_out"
+
+## e2e: the scale-out run: PostgreSQL 15 + prefect server + two workers (needs postgresql-15)
+e2e: install
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m scale_out
+
+## bench: side-by-side figures against the goals (a few minutes; see bench/RESULTS.md)
+bench: install
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-bench $(PY) bench/run.py
 
 format: install
-	$(VENV)/bin/ruff check --fix src tests flows
-	$(VENV)/bin/ruff format src tests flows
+	$(VENV)/bin/ruff check --fix src tests flows bench
+	$(VENV)/bin/ruff format src tests flows bench
 
 clean:
-	rm -rf .prefect .prefect-test .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .prefect .prefect-test .prefect-bench .mypy_cache .ruff_cache .pytest_cache

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 
+from prefect.context import FlowRunContext
+from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
 from pydantic import BaseModel, ConfigDict
 
 from cm_tasks._logging import RunLogger, current_logger
 from cm_tasks.blocks import CarbonMapperStacToken
 from cm_tasks.client import CarbonMapperClient
 from cm_tasks.errors import BadCredentialsError, ConfigurationError
+from cm_tasks.notify import publish_refreshed
 from cm_tasks.settings import CarbonMapperSettings, validate_block_name
 from cm_tasks.tasks import create_stac_token, get_access_token, read_credentials, save_stac_token
 
@@ -148,7 +151,9 @@ def run_refresh(
         client: a client to use instead of one made from settings (tests inject one).
 
     Returns:
-        The saved token block.
+        The saved token block. Once it is saved, the event
+        `carbon-mapper.stac-token.refreshed` is emitted and, inside a flow or task run, a
+        markdown artifact is added to the run (neither carries the token).
 
     Raises:
         CredentialsBlockError: a Secret block is missing or bad.
@@ -156,6 +161,19 @@ def run_refresh(
         CarbonMapperAPIError: the API failed after retries.
         TokenBlockError: the new token could not be saved.
     """
+    if FlowRunContext.get() is None:
+        # Outside a flow the tasks' logs have no run to go to, and Prefect would warn about
+        # each line; they still reach the console.
+        with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+            return _refresh(request, settings, client)
+    return _refresh(request, settings, client)
+
+
+def _refresh(
+    request: RefreshRequest,
+    settings: CarbonMapperSettings,
+    client: CarbonMapperClient | None,
+) -> CarbonMapperStacToken:
     email, password = read_credentials(request.email_block, request.password_block)
     api = client or CarbonMapperClient.from_settings(settings, logger=RunLogger())
     try:
@@ -174,4 +192,5 @@ def run_refresh(
         if client is None:
             api.close()
     save_stac_token(token, request.token_block)
+    publish_refreshed(token, request.token_block)
     return token

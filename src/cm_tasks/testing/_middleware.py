@@ -34,7 +34,7 @@ class EmulatorMiddleware:
             return
         key = path_key(scope["path"])
         method = str(scope["method"])
-        self.state.count_request(key)
+        self.state.count_request(key, scope.get("client"))
         exchange = _Exchange(self.state, method, key, receive, send)
         try:
             await exchange.run(self.app, scope)

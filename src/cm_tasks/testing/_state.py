@@ -53,6 +53,7 @@ class EmulatorState:
         self._default_latency = latency
         self._latency = latency
         self._counts: Counter[str] = Counter()
+        self._clients: set[tuple[Any, ...]] = set()
         self._log: list[tuple[str, str, int]] = []
         self._access: list[str] = []
         self._refresh: list[str] = []
@@ -143,10 +144,17 @@ class EmulatorState:
 
     # --- request accounting and faults ---------------------------------------------------
 
-    def count_request(self, key: str) -> None:
-        """Count one request that reached the app."""
+    def count_request(self, key: str, client: Any = None) -> None:
+        """Count one request that reached the app, and the TCP connection it came on."""
         with self._lock:
             self._counts[key] += 1
+            if client:
+                self._clients.add(tuple(client))
+
+    def connection_count(self) -> int:
+        """How many distinct client connections (host, port) sent requests."""
+        with self._lock:
+            return len(self._clients)
 
     def log_response(self, method: str, key: str, status: int) -> None:
         """Record how a request ended (status 0: no response was sent)."""
@@ -187,6 +195,7 @@ class EmulatorState:
         with self._lock:
             self._faults.clear()
             self._counts.clear()
+            self._clients.clear()
             self._log.clear()
             self._access.clear()
             self._refresh.clear()

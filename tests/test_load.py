@@ -1,0 +1,101 @@
+"""Load: 50 flow runs in 5 processes read an about-to-expire token at once; one refresh.
+
+Every process finds the token block expiring within `min_valid`, so every one of them wants a
+new token at the same moment. The per-process lock and the cross-process refresh lease must
+turn that into exactly one `create-stac` call, and every run must get that one valid token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from prefect.blocks.system import Secret
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from pydantic import SecretStr
+
+from cm_tasks import CarbonMapperStacToken
+from cm_tasks.testing import CarbonMapperEmulator
+
+from .conftest import EMAIL_BLOCK, PASSWORD_BLOCK, TOKEN_BLOCK
+from .prefect_server import PrefectServer, running_prefect_server
+
+PROCESSES = 5
+RUNS_PER_PROCESS = 10
+SCRIPT = Path(__file__).parent / "scripts" / "concurrent_readers.py"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    with running_prefect_server(tmp_path_factory.mktemp("load-server")) as running:
+        yield running
+
+
+def test_fifty_concurrent_runs_share_one_refresh(server: PrefectServer, tmp_path: Path) -> None:
+    with CarbonMapperEmulator() as emulator:
+        stale = emulator.issue_stac_token("about-to-expire", lifetime_days=1)
+        now = datetime.now(timezone.utc)
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            Secret(value=emulator.email).save(EMAIL_BLOCK, overwrite=True)
+            Secret(value=emulator.password).save(PASSWORD_BLOCK, overwrite=True)
+            CarbonMapperStacToken(
+                token=SecretStr(stale["token_value"]),
+                name="about-to-expire",
+                expires_at=now + timedelta(minutes=10),  # within get_stac_token's 1 hour
+                created_at=now,
+                base_url=emulator.base_url,
+            ).save(TOKEN_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
+        asset_url = _first_asset_url(emulator)
+
+        go = tmp_path / "go"
+        env = server.client_env({"CM_BASE_URL": emulator.base_url, "CM_RETRY_BACKOFF": "0"})
+        processes = [
+            subprocess.Popen(
+                [sys.executable, str(SCRIPT), str(RUNS_PER_PROCESS), str(go), asset_url],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(PROCESSES)
+        ]
+        try:
+            time.sleep(3)  # let the interpreters import Prefect, then start them together
+            go.touch()
+            outputs = [process.communicate(timeout=300) for process in processes]
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+
+        for process, (_out, err) in zip(processes, outputs, strict=True):
+            assert process.returncode == 0, err[-3000:]
+        reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+        results = [tuple(r) for report in reports for r in report["results"]]
+        assert len(results) == PROCESSES * RUNS_PER_PROCESS
+        assert emulator.requests("account/tokens/create-stac") == 1
+        assert sum(report["refreshes"] for report in reports) == 1
+        new_token = emulator.issued_stac_tokens[-1]
+        expected = hashlib.sha256(new_token.encode()).hexdigest()
+        assert set(results) == {(expected, 200)}
+        for out, err in outputs:
+            for token in (*emulator.issued_stac_tokens, *emulator.issued_access_tokens):
+                assert token not in out + err
+            assert emulator.password not in out + err
+
+
+def _first_asset_url(emulator: CarbonMapperEmulator) -> str:
+    import httpx
+
+    features = httpx.get(f"{emulator.base_url}stac/search", params={"limit": 1}).json()
+    asset = next(iter(features["features"][0]["assets"].values()))
+    return str(asset["href"])
