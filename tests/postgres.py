@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from .prefect_server import free_port
 
 PG_BIN = Path(os.environ.get("CM_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
@@ -23,14 +24,6 @@ PG_BIN = Path(os.environ.get("CM_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 def postgres_available() -> bool:
     """Whether PostgreSQL's server binaries are installed where the tests look."""
     return (PG_BIN / "initdb").exists() and (PG_BIN / "postgres").exists()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _as_postgres(command: list[str]) -> list[str]:

@@ -151,7 +151,8 @@ def _wait_until_healthy(server: PrefectServer, timeout: float) -> None:
     )
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process started with `start_new_session=True`, and its children, by its PID."""
     if process.poll() is not None:
         return
     # The server runs in its own session: signal its process group, by the PID we started,
@@ -215,4 +216,4 @@ def running_prefect_server(
         _wait_until_healthy(server, startup_timeout)
         yield server
     finally:
-        _stop(process)
+        stop_process_group(process)

@@ -12,8 +12,6 @@ Run with `make e2e` (CI runs it after `make test`).
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,7 +27,12 @@ from cm_tasks.testing import CarbonMapperEmulator
 
 from .conftest import EMAIL_BLOCK, PASSWORD_BLOCK
 from .postgres import postgres_server
-from .prefect_server import PrefectServer, prefect_executable, running_prefect_server
+from .prefect_server import (
+    PrefectServer,
+    prefect_executable,
+    running_prefect_server,
+    stop_process_group,
+)
 
 pytestmark = pytest.mark.scale_out
 
@@ -66,14 +69,7 @@ def worker(
     try:
         yield process
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process)
 
 
 def _deployment_id(http: httpx.Client, name: str) -> str:
