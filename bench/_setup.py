@@ -12,7 +12,11 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # keep the figures re
 
 @contextmanager
 def bench_environment(latency: float = 0.0) -> Iterator[object]:
-    """A temporary Prefect API + emulator, with the demo account and a fresh token block."""
+    """A Prefect API + emulator, with the demo account and a fresh token block.
+
+    The Prefect API is the one `PREFECT_API_URL` names (e.g. a `prefect server start`), or a
+    temporary one from `prefect_test_harness` when it is unset.
+    """
     from prefect.blocks.system import Secret
     from prefect.testing.utilities import prefect_test_harness
 
@@ -21,7 +25,12 @@ def bench_environment(latency: float = 0.0) -> Iterator[object]:
     from cm_tasks.client import parse_issued_stac_token
     from cm_tasks.testing import run_emulator
 
-    with prefect_test_harness(server_startup_timeout=120), run_emulator() as emulator:
+    api = (
+        nullcontext()
+        if os.environ.get("PREFECT_API_URL")
+        else prefect_test_harness(server_startup_timeout=120)
+    )
+    with api, run_emulator() as emulator:
         os.environ["CM_BASE_URL"] = emulator.base_url
         settings = load_settings()
         Secret(value=emulator.email).save(settings.email_block, overwrite=True)

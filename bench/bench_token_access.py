@@ -10,8 +10,10 @@ Prints figures; target: get_stac_token() <= 1.15x the literal, one block read pe
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +27,21 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
+
+    # Against a real `prefect server start`, as users run flows; PREFECT_API_URL must be set
+    # before Prefect is imported.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.prefect_server import running_prefect_server
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_prefect_server(Path(tmp)) as server,
+    ):
+        os.environ["PREFECT_API_URL"] = server.api_url
+        return _measure(args)
+
+
+def _measure(args: argparse.Namespace) -> int:
 
     from prefect import flow, task, unmapped
 
@@ -96,8 +113,14 @@ def main() -> int:
         print(f"  {name:15s} {value:6.2f} s   {value / base:5.2f}x the literal   [{rounds}]")
     print(f"  block reads per get_stac_token flow run (cold cache): {reads}")
     ratio = median["get_stac_token"] / base
+    # Prefect's own wall time for the same 200-task flow swings between ~2 s and ~17 s from
+    # round to round (stalls in its task-run machinery, seen with either variant); the fastest
+    # round of each is their cost without those stalls.
+    best = min(times["get_stac_token"]) / min(times["literal"])
     report(
-        f"{args.tasks} mapped tasks: get_stac_token() / literal token", f"{ratio:.2f}", "<= 1.15"
+        f"{args.tasks} mapped tasks: get_stac_token() / literal token (median; fastest)",
+        f"{ratio:.2f}; {best:.2f}",
+        "<= 1.15",
     )
     report(
         f"{args.tasks} mapped tasks: naive block load per task / literal",
