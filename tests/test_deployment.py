@@ -38,6 +38,7 @@ DAILY = "check-stac-token/daily"
 # The request body of the UI's Quick run (DeploymentQuickRunOverflowMenuItem).
 QUICK_RUN = {"state": {"type": "SCHEDULED", "message": "Run from the Prefect UI with defaults"}}
 EVENT_WAIT_SECONDS = 30.0
+WATCHDOG_TOKEN = "not-a-real-token-value-0123456789"
 
 
 @contextmanager
@@ -292,7 +293,7 @@ def test_watchdog_deployment_fails_and_emits_expiring(
     expires_at = datetime.now(timezone.utc) + timedelta(days=1)
     with using(server):
         CarbonMapperStacToken(
-            token="not-a-real-token-value-0123456789",
+            token=WATCHDOG_TOKEN,
             name="old-token",
             expires_at=expires_at,
             created_at=expires_at - timedelta(days=14),
@@ -324,3 +325,18 @@ def test_watchdog_deployment_fails_and_emits_expiring(
         assert "Days left" in artifacts[0]["data"]
         assert "not-a-real-token-value" not in json.dumps(events) + json.dumps(artifacts)
     assert emulator.requests() == requests_before  # the watchdog never calls the API
+
+
+def test_server_files_hold_no_plaintext_secret(
+    server: PrefectServer, emulator: CarbonMapperEmulator, deployments: dict[str, Any]
+) -> None:
+    """After the runs above: the server's whole PREFECT_HOME (SQLite database, WAL, logs)."""
+    from .leaks import collect_secrets, scan_prefect_home
+
+    secrets = collect_secrets(emulator, extra={"watchdog test token": WATCHDOG_TOKEN})
+    assert len(secrets) > 2  # the module's runs issued tokens: an empty list would prove nothing
+
+    report = scan_prefect_home(server.home, secrets)
+
+    assert any(path.endswith(".db") for path in report.scanned), report.scanned
+    assert report.hits == []

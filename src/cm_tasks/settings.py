@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import warnings
 from urllib.parse import urlsplit
 
@@ -51,6 +52,7 @@ class CarbonMapperSettings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
+        frozen=True,  # load_settings() shares one instance between callers
     )
 
     base_url: str = Field(
@@ -125,10 +127,42 @@ def validate_block_name(value: str) -> str:
 def load_settings(**overrides: object) -> CarbonMapperSettings:
     """Read the settings from the environment and `.env`, with optional overrides.
 
+    Without overrides, the result is reused while the `CM_*` variables, the working directory
+    and its `.env` file stay the same: `get_stac_token()` asks for the settings on every call,
+    and parsing them costs far more than the cached token look-up it guards.
+
     Raises:
         ConfigurationError: a variable holds a value that cannot be used; the message names
             the variable and what it needs to be. Input values are never echoed.
     """
+    if overrides:
+        return _build(overrides)
+    key = _environment_key()
+    settings = _cache.get(key)
+    if settings is None:
+        settings = _build({})
+        if len(_cache) >= _CACHE_SIZE:
+            _cache.clear()
+        _cache[key] = settings
+    return settings
+
+
+_CACHE_SIZE = 32
+_cache: dict[tuple[object, ...], CarbonMapperSettings] = {}
+
+
+def _environment_key() -> tuple[object, ...]:
+    """Everything the settings are read from: CM_* variables, the directory, its `.env`."""
+    variables = tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("CM_")))
+    try:
+        stat = os.stat(".env")
+        dotenv: tuple[int, int] | None = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        dotenv = None
+    return (os.getcwd(), variables, dotenv)
+
+
+def _build(overrides: dict[str, object]) -> CarbonMapperSettings:
     try:
         return CarbonMapperSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
