@@ -25,11 +25,10 @@ from datetime import timedelta
 from typing import cast
 
 import anyio.to_thread
-from pydantic import ValidationError
 
 from cm_tasks._logging import current_logger
 from cm_tasks._refresh_lease import refresh_lease
-from cm_tasks.blocks import CarbonMapperStacToken
+from cm_tasks.blocks import CarbonMapperStacToken, load_token_block
 from cm_tasks.errors import ConfigurationError, TokenBlockError
 from cm_tasks.refresh import resolve_request, run_refresh
 from cm_tasks.settings import CarbonMapperSettings, load_settings, validate_block_name
@@ -148,24 +147,15 @@ def _read_block(block_name: str) -> CarbonMapperStacToken | None:
     with _guard:
         _block_reads += 1
     try:
-        # _sync: a sync read even from a thread running an event loop (async_dispatch would
-        # hand back a coroutine there).
-        block = CarbonMapperStacToken.load(block_name, _sync=True)  # type: ignore[call-arg]
-    except ValidationError:
-        # pydantic's message would quote the stored values, the token among them.
-        raise TokenBlockError(
-            f"The block {block_name!r} does not hold a valid Carbon Mapper STAC token (it was "
-            "saved with another schema). Delete it and run refresh-stac-token again."
-        ) from None
-    except ValueError:
-        return None  # Prefect's "Unable to find block document named ..."
+        return load_token_block(block_name)
+    except TokenBlockError:
+        raise
     except Exception as exc:
         raise TokenBlockError(
             f"Could not read the token block {block_name!r} ({type(exc).__name__} from the "
             "Prefect API). Check that the Prefect API is reachable (PREFECT_API_URL).",
             transient=True,
         ) from None
-    return cast(CarbonMapperStacToken, block)
 
 
 def _refresh(block_name: str, settings: CarbonMapperSettings) -> CarbonMapperStacToken:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from typing import cast
 
 from prefect.blocks.core import Block
-from pydantic import ConfigDict, Field, HttpUrl, SecretStr, field_validator
+from prefect.exceptions import ObjectNotFound
+from pydantic import ConfigDict, Field, HttpUrl, SecretStr, ValidationError, field_validator
 
 from cm_tasks.client import IssuedStacToken
+from cm_tasks.errors import TokenBlockError
 
 
 class CarbonMapperStacToken(Block):
@@ -90,3 +93,26 @@ class CarbonMapperStacToken(Block):
     def time_left(self) -> timedelta:
         """How long the token stays valid from now (negative once expired)."""
         return self.expires_at - datetime.now(timezone.utc)
+
+
+def load_token_block(block_name: str) -> CarbonMapperStacToken | None:
+    """The token block saved under block_name, or None when there is no such block.
+
+    Raises:
+        TokenBlockError: the block exists but cannot be read as a token block; the message
+            never quotes the stored values.
+    """
+    try:
+        # _sync: a sync read even from code an event loop runs (async_dispatch would hand
+        # back a coroutine there).
+        block = CarbonMapperStacToken.load(block_name, _sync=True)  # type: ignore[call-arg]
+    except (ValidationError, RuntimeError):
+        # Prefect raises RuntimeError from pydantic's ValidationError, whose message quotes
+        # the stored values, the token included: neither is chained.
+        raise TokenBlockError(
+            f"The block {block_name!r} exists but is not a readable CarbonMapperStacToken "
+            "(saved with another schema?). Run the refresh-stac-token flow to write it again."
+        ) from None
+    except (ValueError, ObjectNotFound):
+        return None  # Prefect's "Unable to find block document named ..."
+    return cast(CarbonMapperStacToken, block)

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
-from prefect.exceptions import ObjectNotFound
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from cm_tasks.blocks import CarbonMapperStacToken
-from cm_tasks.errors import CarbonMapperError, ConfigurationError, TokenBlockError
+from cm_tasks.blocks import load_token_block
+from cm_tasks.errors import CarbonMapperError, ConfigurationError
 from cm_tasks.flows import BlockName
 from cm_tasks.notify import (
     EXPIRING_EVENT,
@@ -113,27 +112,6 @@ def check_threshold(threshold_days: float) -> float:
             f"{MAX_THRESHOLD_DAYS:g} days (default {DEFAULT_THRESHOLD_DAYS:g})."
         )
     return float(threshold_days)
-
-
-def load_token_block(token_block: str) -> CarbonMapperStacToken | None:
-    """The token block, or None when there is no such block.
-
-    Raises:
-        TokenBlockError: the block exists but cannot be read as a token block.
-    """
-    try:
-        # _sync: a sync read even when called from async code (async_dispatch would await)
-        block = CarbonMapperStacToken.load(token_block, _sync=True)  # type: ignore[call-arg]
-    except (ValidationError, RuntimeError):
-        # Prefect raises RuntimeError from pydantic's ValidationError, whose message quotes
-        # the stored values, the token included: neither is chained.
-        raise TokenBlockError(
-            f"The block {token_block!r} exists but is not a readable CarbonMapperStacToken. "
-            "Run the refresh-stac-token flow to write it again."
-        ) from None
-    except (ValueError, ObjectNotFound):
-        return None
-    return cast(CarbonMapperStacToken, block)
 
 
 def check_token(
