@@ -34,7 +34,7 @@ from cm_tasks import (
     stac_http_client,
     token_cache_info,
 )
-from cm_tasks._refresh_lease import lease_name, refresh_time_bound
+from cm_tasks._refresh_lease import lease_name
 from cm_tasks.testing import CarbonMapperEmulator
 
 from .conftest import EMAIL_BLOCK, PASSWORD_BLOCK
@@ -193,6 +193,8 @@ def test_two_prefect_apis_in_one_process_keep_their_own_tokens(
 
 
 def test_the_lease_wait_follows_the_retry_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cm_tasks._refresh_lease import refresh_time_bound
+
     defaults = refresh_time_bound(load_settings())
     # Two calls, four attempts of 10 s connect + 2 x 30 s, three waits of 60 s (the cap).
     assert defaults == 2 * (4 * 70 + 3 * 60) + _refresh_lease.LEASE_MARGIN_SECONDS
