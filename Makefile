@@ -3,11 +3,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# A Prefect database is for one Prefect version: each compat venv benchmarks in its own home.
+BENCH_HOME := $(if $(filter .venv,$(VENV)),$(CURDIR)/.prefect-bench,$(abspath $(VENV))/prefect-bench)
 
 # No telemetry from an offline machine; keeps logs clean too.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test e2e bench lint format clean
+.PHONY: install demo test e2e compat bench lint format clean
 
 install: $(STAMP)
 
@@ -35,9 +37,15 @@ test: lint
 e2e: install
 	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m scale_out
 
+## compat: the suite on every supported Prefect (client and server), one venv each under .compat/
+##   (built once per constraints/prefect-X.Y.txt); one version: make compat PREFECT=3.2
+compat:
+	.ci/compat $(PREFECT)
+
 ## bench: side-by-side figures against the goals (a few minutes; see bench/RESULTS.md)
-bench: install
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-bench $(PY) bench/run.py
+##   on another Prefect: make bench VENV=.compat/prefect-3.2 (after make compat PREFECT=3.2)
+bench: $(if $(filter .venv,$(VENV)),install)
+	env -u PREFECT_API_URL PREFECT_HOME=$(BENCH_HOME) $(PY) bench/run.py
 
 format: install
 	$(VENV)/bin/ruff check --fix src tests flows bench
@@ -45,3 +53,4 @@ format: install
 
 clean:
 	rm -rf .prefect .prefect-test .prefect-bench .mypy_cache .ruff_cache .pytest_cache
+	# .compat/ holds the per-Prefect venvs (slow to build): remove it by hand

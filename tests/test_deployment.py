@@ -11,6 +11,7 @@ One server for the whole module: it is the expensive part (about 10 s to start).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import prefect
 import pytest
 import yaml
 from prefect.blocks.system import Secret
@@ -29,7 +31,7 @@ from cm_tasks.notify import EXPIRING_EVENT, REFRESHED_EVENT
 from cm_tasks.testing import CarbonMapperEmulator
 
 from .conftest import EMAIL_BLOCK, PASSWORD_BLOCK, TOKEN_BLOCK
-from .prefect_server import PrefectServer, running_prefect_server
+from .prefect_server import PrefectServer, prefect_executable, running_prefect_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POOL = "carbon-mapper"
@@ -190,6 +192,16 @@ def test_prefect_yaml_declares_what_the_readme_promises() -> None:
     assert config["pull"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "{{ checkout.stdout }}"}}
     ]
+
+
+def test_the_server_runs_the_same_prefect_as_this_process(server: PrefectServer) -> None:
+    # `make compat` runs this suite in one venv per Prefect version: the server (and so every
+    # worker and CLI call, same executable) must be that version too, never another install's.
+    with server.http() as http:
+        response = http.get("admin/version")
+    response.raise_for_status()
+    assert response.json() == prefect.__version__
+    assert Path(prefect_executable()).parent == Path(sys.executable).parent
 
 
 def test_deploy_creates_the_deployments_as_configured(deployments: dict[str, Any]) -> None:

@@ -8,9 +8,11 @@ created on first use; the lease expires by itself if its holder dies.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -27,6 +29,18 @@ LEASE_DURATION_SECONDS = 120.0
 # Limits known to exist, per Prefect API (a process may talk to more than one).
 _ensured: set[tuple[str | None, str]] = set()
 _ensured_lock = threading.Lock()
+
+
+def lease_kwargs() -> dict[str, Any]:
+    """`lease_duration=` where the installed Prefect's `concurrency()` takes it (3.4 and later).
+
+    Before that a slot has no lease: it is held until released, so one refresh at a time still
+    holds, but a holder killed mid-refresh keeps the slot until an operator frees it
+    (`prefect gcl update cm-tasks-refresh-<block> --active-slots 0`; see the README).
+    """
+    if "lease_duration" in inspect.signature(concurrency).parameters:
+        return {"lease_duration": LEASE_DURATION_SECONDS}
+    return {}
 
 
 def lease_name(block_name: str) -> str:
@@ -53,7 +67,7 @@ def refresh_lease(block_name: str) -> Iterator[None]:
         name,
         occupy=1,
         timeout_seconds=LEASE_TIMEOUT_SECONDS,
-        lease_duration=LEASE_DURATION_SECONDS,
         strict=True,
+        **lease_kwargs(),
     ):
         yield

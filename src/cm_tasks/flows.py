@@ -1,7 +1,5 @@
 """The deployable flow: get a new scoped STAC token and save it to a block."""
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger

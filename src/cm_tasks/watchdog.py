@@ -6,8 +6,6 @@ the `check-stac-token` flow publishes it and fails, with the event
 `carbon-mapper.stac-token.expiring`, when the token is missing, expired or expiring soon.
 """
 
-from __future__ import annotations
-
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any
