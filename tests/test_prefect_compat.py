@@ -1,0 +1,73 @@
+"""What differs between the supported Prefect versions (3.2 to 3.9), and how cm-tasks meets it.
+
+`make compat` runs the whole suite on Prefect 3.2, 3.4 and the newest; these tests pin down the
+places where cm-tasks does something version-dependent, so each runs on every version.
+"""
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import prefect
+import pytest
+from packaging.version import Version
+from prefect.concurrency.sync import concurrency
+from prefect.utilities.callables import parameter_schema
+
+from cm_tasks import refresh_stac_token
+from cm_tasks._refresh_lease import LEASE_DURATION_SECONDS, lease_kwargs, lease_name, refresh_lease
+from cm_tasks.watchdog import check_stac_token
+
+
+@pytest.mark.parametrize(
+    ("flow", "parameters"),
+    [
+        (refresh_stac_token, {"token_name": "nightly", "lifetime_days": 3, "token_block": "a-b"}),
+        (check_stac_token, {"threshold_days": 2.5, "token_block": "a-b"}),
+    ],
+)
+def test_flow_parameter_models_build_with_descriptions(
+    flow: Callable[..., Any], parameters: dict[str, Any]
+) -> None:
+    # Postponed annotations with Annotated aliases made this raise on Prefect 3.2 and 3.4
+    # ("Refresh_Stac_TokenModel is not fully defined; you should define TokenName").
+    assert flow.validate_parameters(parameters) == parameters  # type: ignore[attr-defined]
+    properties = parameter_schema(flow.fn).properties  # type: ignore[attr-defined]
+    assert set(parameters) <= set(properties)
+    assert all(p.get("description") for p in properties.values())
+
+
+def test_lease_duration_is_passed_only_where_prefect_takes_it() -> None:
+    if Version(prefect.__version__) >= Version("3.4"):
+        assert lease_kwargs() == {"lease_duration": LEASE_DURATION_SECONDS}
+    else:
+        # Prefect 3.2's concurrency() has no leases: passing one raised TypeError.
+        assert lease_kwargs() == {}
+
+
+def test_one_lease_holder_at_a_time_on_every_version() -> None:
+    # The single-refresh guarantee, with or without leases: while one holder has the slot,
+    # another acquisition waits and times out; once released, the next one gets it.
+    block = "compat-lease-test"
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with refresh_lease(block):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(60)
+        with (
+            pytest.raises(TimeoutError),
+            concurrency(lease_name(block), timeout_seconds=1, strict=True, **lease_kwargs()),
+        ):
+            pass
+    finally:
+        release.set()
+        holder.join(60)
+    with concurrency(lease_name(block), timeout_seconds=30, strict=True, **lease_kwargs()):
+        pass
