@@ -7,6 +7,8 @@ against the session's real Prefect API and what the API then holds is compared w
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
 from cm_tasks.cli import EXIT_USAGE, main
@@ -229,6 +231,48 @@ def test_deploy_command_prints_what_it_made_and_the_next_run(
     assert f"prefect worker start --pool {DEFAULT_POOL}" in out
     with pytest.raises(ObjectNotFound):
         _read(DAILY_CHECK.full_name)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [("{not json", "not valid JSON"), ('["image"]', "give a JSON object")],
+)
+def test_bad_job_variables_are_refused_before_any_api_call(
+    value: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["deploy", "--job-variables", value])
+
+    assert exited.value.code == EXIT_USAGE
+    assert why in capsys.readouterr().err
+
+
+def test_deploy_to_a_container_pool_sets_the_image(
+    no_deployments: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A docker or kubernetes pool needs only an image with cm-tasks installed."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    pool, image = "cm-tasks-container-test", "registry.example/cm-tasks:0.2.0"
+    template = {
+        "job_configuration": {"image": "{{ image }}"},
+        "variables": {"type": "object", "properties": {"image": {"type": "string"}}},
+    }
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(
+            WorkPoolCreate(name=pool, type="docker", base_job_template=template)
+        )
+
+    with pytest.raises(SystemExit) as exited:
+        main(["deploy", "--pool", pool, "--job-variables", json.dumps({"image": image})])
+    out = capsys.readouterr().out
+
+    assert exited.value.code == 0, out
+    assert f"Work pool {pool!r} (docker): exists" in out
+    for spec in DEPLOYMENTS:
+        stored = _read(spec.full_name)
+        assert stored.work_pool_name == pool
+        assert stored.job_variables == {"image": image}
 
 
 # --- serve, as a process of its own -------------------------------------------------------------

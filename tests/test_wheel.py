@@ -321,35 +321,55 @@ def test_login_and_deploy_from_an_empty_directory(
     )
 
 
-def _run_on_a_worker(fresh_venv: FreshVenv, stack: dict[str, Any], full_name: str) -> str:
-    """`prefect deployment run`, then a worker in another empty directory; returns the run ID."""
-    env = stack["user_env"]
-    started = _run(
-        [fresh_venv.bin("prefect"), "deployment", "run", full_name],
-        cwd=_empty_dir(stack["root"], f"run-{full_name.replace('/', '-')}"),
-        env=env,
-    )
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout)
-    assert flow_run_id, started.stdout
-    worker = _run(
-        [fresh_venv.bin("prefect"), "worker", "start", "--pool", POOL, "--run-once"],
-        cwd=_empty_dir(stack["root"], f"worker-{full_name.replace('/', '-')}"),
-        env=env,
-        timeout=RUN_TIMEOUT,
-    )
-    stack["outputs"][f"worker {full_name}"] = started.stdout + worker.stdout + worker.stderr
-    state = _flow_run_state(stack["server"], flow_run_id.group(1))
-    assert state["type"] == "COMPLETED", worker.stdout + worker.stderr
-    return flow_run_id.group(1)
+def _wait_for_completed(
+    server: PrefectServer, flow_run_id: str, process: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Wait until the flow run is Completed; fail at once when it ends otherwise."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while (state := _flow_run_state(server, flow_run_id))["type"] != "COMPLETED":
+        assert state["type"] not in {"FAILED", "CRASHED", "CANCELLED"}, log.read_text()
+        _still_waiting(process, deadline, log)
+
+
+def _quick_run(server: PrefectServer, full_name: str) -> str:
+    """The UI's Quick run: create_flow_run with no parameters; returns the flow run's ID."""
+    with server.http() as http:
+        response = http.post(
+            f"deployments/{_deployment_id(server, full_name)}/create_flow_run", json=QUICK_RUN
+        )
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
 
 
 def test_a_worker_elsewhere_runs_both_deployments(
     fresh_venv: FreshVenv, stack: dict[str, Any]
 ) -> None:
-    # The refresh first: the check then finds a fresh token.
-    _run_on_a_worker(fresh_venv, stack, "refresh-stac-token/weekly")
-    stack["tokens"] = [_saved_token(stack["server"])]
-    _run_on_a_worker(fresh_venv, stack, "check-stac-token/daily")
+    server: PrefectServer = stack["server"]
+    where = _empty_dir(stack["root"], "worker")
+    log = where / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [fresh_venv.bin("prefect"), "worker", "start", "--pool", POOL],
+            cwd=where, env={**stack["user_env"], "PREFECT_WORKER_QUERY_SECONDS": "2"},
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        # The refresh first, as a user starts it from the shell; the check then finds the token.
+        started = _run(
+            [fresh_venv.bin("prefect"), "deployment", "run", "refresh-stac-token/weekly"],
+            cwd=_empty_dir(stack["root"], "run-weekly"),
+            env=stack["user_env"],
+        )
+        weekly_run = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout)
+        assert weekly_run, started.stdout
+        _wait_for_completed(server, weekly_run.group(1), worker, log)
+        stack["tokens"] = [_saved_token(server)]
+
+        _wait_for_completed(server, _quick_run(server, "check-stac-token/daily"), worker, log)
+    finally:
+        stop_process_group(worker)
+    stack["outputs"]["worker"] = started.stdout + started.stderr + log.read_text()
 
 
 def test_serve_runs_a_quick_run_and_stops_on_sigint(
@@ -369,14 +389,8 @@ def test_serve_runs_a_quick_run_and_stops_on_sigint(
         deadline = time.monotonic() + RUN_TIMEOUT
         while "being served" not in log.read_text():
             _still_waiting(process, deadline, log)
-        weekly = _deployment_id(stack["server"], "refresh-stac-token/weekly")
-        with stack["server"].http() as http:
-            response = http.post(f"deployments/{weekly}/create_flow_run", json=QUICK_RUN)
-        assert response.status_code == 201, response.text
-        flow_run_id = response.json()["id"]
-        while (state := _flow_run_state(stack["server"], flow_run_id))["type"] != "COMPLETED":
-            assert state["type"] not in {"FAILED", "CRASHED", "CANCELLED"}, log.read_text()
-            _still_waiting(process, deadline, log)
+        flow_run_id = _quick_run(stack["server"], "refresh-stac-token/weekly")
+        _wait_for_completed(stack["server"], flow_run_id, process, log)
 
         process.send_signal(signal.SIGINT)
         returncode = process.wait(timeout=60)
@@ -394,7 +408,7 @@ def test_serve_runs_a_quick_run_and_stops_on_sigint(
 
 def test_no_secret_in_any_output_or_in_the_server(stack: dict[str, Any]) -> None:
     outputs: dict[str, str] = stack["outputs"]
-    assert {"login", "deploy", "serve"} <= outputs.keys()  # the runs above did happen
+    assert {"login", "deploy", "worker", "serve"} <= outputs.keys()  # the runs above happened
     secrets = Secrets({"demo password": stack["password"]})
     for number, token in enumerate(stack.get("tokens", []), 1):
         secrets.add(f"stac token #{number}", token)

@@ -326,6 +326,18 @@ def _pool_option(value: str) -> str:
 _WATCHDOG_HELP = "Include the daily expiry check check-stac-token/daily (--no-watchdog: skip it)."
 
 
+def _job_variables_option(value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter('give a JSON object, e.g. \'{"image": "you/cm-tasks:0.2.0"}\'.')
+    return parsed
+
+
 @app.command()
 def deploy(
     pool: Annotated[
@@ -336,6 +348,18 @@ def deploy(
         ),
     ] = deployments.DEFAULT_POOL,
     watchdog: Annotated[bool, typer.Option(help=_WATCHDOG_HELP)] = True,
+    job_variables: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "JSON object of job variables for both deployments, e.g. "
+                '\'{"image": "you/cm-tasks:0.2.0"}\' (docker, kubernetes) or '
+                '\'{"pip_packages": ["cm-tasks"]}\' (Prefect managed). Stored in plain text.'
+            ),
+            callback=_job_variables_option,
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Create or update the deployments refresh-stac-token/weekly and check-stac-token/daily.
 
@@ -345,7 +369,11 @@ def deploy(
     `prefect worker start --pool carbon-mapper`.
     """
     try:
-        report = deployments.deploy(pool, watchdog=watchdog)
+        report = deployments.deploy(
+            pool,
+            watchdog=watchdog,
+            job_variables=cast("dict[str, Any] | None", job_variables),
+        )
     except (httpx.HTTPError, OSError) as exc:
         _fail(f"Could not deploy: {_prefect_error(exc)}")
     out = _out()
@@ -354,6 +382,8 @@ def deploy(
         f"Work pool {report.pool.name!r} ({report.pool.type}): {pool_state}, in {_api_location()}.",
         highlight=False,
     )
+    if job_variables:
+        out.print(f"Job variables: {json.dumps(job_variables)}", highlight=False, markup=False)
     for result in report.deployments:
         spec = result.spec
         out.print(

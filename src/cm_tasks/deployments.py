@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
@@ -89,11 +89,17 @@ class DeploymentSpec:
         loaded: Flow[..., Any] = getattr(importlib.import_module(module_name), attribute)
         return loaded
 
-    def to_deployment(self, work_pool_name: str | None = None) -> RunnerDeployment:
+    def to_deployment(
+        self,
+        work_pool_name: str | None = None,
+        job_variables: Mapping[str, Any] | None = None,
+    ) -> RunnerDeployment:
         """Build the Prefect `RunnerDeployment` of this spec, with a module-path entrypoint.
 
         Args:
             work_pool_name: The pool whose workers run it; None for `serve` (no pool).
+            job_variables: Overrides of the pool's job template, e.g. `{"image": ...}` for a
+                docker or kubernetes pool, `{"pip_packages": ["cm-tasks"]}` for a managed one.
         """
         from prefect.client.schemas.objects import ConcurrencyLimitConfig
         from prefect.client.schemas.schedules import CronSchedule
@@ -110,6 +116,7 @@ class DeploymentSpec:
             description=self.description,
             tags=list(self.tags),
             work_pool_name=work_pool_name,
+            job_variables=dict(job_variables or {}),
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
         if inspect.isawaitable(deployment):
@@ -268,7 +275,12 @@ class DeployReport:
     deployments: list[DeployResult]
 
 
-def deploy(pool: str = DEFAULT_POOL, *, watchdog: bool = True) -> DeployReport:
+def deploy(
+    pool: str = DEFAULT_POOL,
+    *,
+    watchdog: bool = True,
+    job_variables: Mapping[str, Any] | None = None,
+) -> DeployReport:
     """Create or update the cm-tasks deployments on a work pool; safe to run again.
 
     Creates the pool (type `process`) when there is none. Each deployment gets its schedule,
@@ -279,6 +291,9 @@ def deploy(pool: str = DEFAULT_POOL, *, watchdog: bool = True) -> DeployReport:
     Args:
         pool: Work pool whose workers run the deployments.
         watchdog: Also deploy `check-stac-token/daily`.
+        job_variables: Job variables of both deployments, e.g. `{"image": "you/cm-tasks:0.2.0"}`
+            for a docker or kubernetes pool or `{"pip_packages": ["cm-tasks"]}` for a Prefect
+            managed pool. Stored in plain text: never put a password here.
 
     Returns:
         The pool (and whether it was created), and one result per deployment: created or
@@ -301,7 +316,7 @@ def deploy(pool: str = DEFAULT_POOL, *, watchdog: bool = True) -> DeployReport:
     existing = _existing_deployment_ids([spec.full_name for spec in specs])
     results = []
     for spec in specs:
-        deployment_id = spec.to_deployment(pool).apply(work_pool_name=pool)
+        deployment_id = spec.to_deployment(pool, job_variables).apply(work_pool_name=pool)
         if not isinstance(deployment_id, UUID):
             raise RuntimeError(_SYNC_ONLY)
         results.append(
