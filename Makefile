@@ -9,7 +9,7 @@ BENCH_HOME := $(if $(filter .venv,$(VENV)),$(CURDIR)/.prefect-bench,$(abspath $(
 # No telemetry from an offline machine; keeps logs clean too.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test e2e compat bench lint format clean
+.PHONY: install demo test e2e compat wheel-test dist bench lint format clean
 
 install: $(STAMP)
 
@@ -29,9 +29,9 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests flows bench
 	$(VENV)/bin/mypy
 
-## test: lint, type-check, then the test suite (all but the scale-out run)
+## test: lint, type-check, then the test suite (all but the scale-out run and the wheel test)
 test: lint
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m "not scale_out"
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m "not scale_out and not wheel"
 
 ## e2e: the scale-out run: PostgreSQL 15 + prefect server + two workers (needs postgresql-15)
 e2e: install
@@ -41,6 +41,16 @@ e2e: install
 ##   (built once per constraints/prefect-X.Y.txt); one version: make compat PREFECT=3.2
 compat:
 	.ci/compat $(PREFECT)
+
+## wheel-test: build the wheel, install it into a fresh venv, deploy/serve it from empty directories
+wheel-test: install
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m wheel
+
+## dist: sdist and wheel into dist/, checked with twine
+dist: install
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
 
 ## bench: side-by-side figures against the goals (a few minutes; see bench/RESULTS.md)
 ##   on another Prefect: make bench VENV=.compat/prefect-3.2 (after make compat PREFECT=3.2)
@@ -52,5 +62,5 @@ format: install
 	$(VENV)/bin/ruff format src tests flows bench
 
 clean:
-	rm -rf .prefect .prefect-test .prefect-bench .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .prefect .prefect-test .prefect-bench .mypy_cache .ruff_cache .pytest_cache build dist
 	# .compat/ holds the per-Prefect venvs (slow to build): remove it by hand

@@ -87,6 +87,7 @@ class PrefectServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     commands: list[subprocess.CompletedProcess[str]] = field(default_factory=list)
+    executable: str = field(default_factory=prefect_executable)
 
     def client_env(self, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for a client process (CLI, worker) of this server."""
@@ -109,7 +110,7 @@ class PrefectServer:
             AssertionError: check is true and the command failed; shows its output.
         """
         result = subprocess.run(
-            [prefect_executable(), *args],
+            [self.executable, *args],
             cwd=cwd or self.home,
             env=self.client_env(extra_env),
             capture_output=True,
@@ -173,6 +174,7 @@ def running_prefect_server(
     extra_env: Mapping[str, str] | None = None,
     startup_timeout: float = STARTUP_TIMEOUT,
     services: bool = True,
+    executable: str | None = None,
 ) -> Iterator[PrefectServer]:
     """Start `prefect server start` on a free 127.0.0.1 port; stop it on exit.
 
@@ -183,6 +185,8 @@ def running_prefect_server(
         startup_timeout: seconds to wait for `/api/health`.
         services: run the background services (event persister, triggers, ...); without
             them only the API and UI run.
+        executable: the `prefect` console script to run, for the server and `prefect()`
+            commands; default: the one of this interpreter's environment.
 
     Raises:
         RuntimeError: the server exited or did not become healthy in time; shows its output.
@@ -192,7 +196,8 @@ def running_prefect_server(
     port = free_port()
     env = base_environment(home, extra_env)
     log_path = home / "server.log"
-    args = [prefect_executable(), "server", "start", "--host", HOST, "--port", str(port)]
+    executable = executable or prefect_executable()
+    args = [executable, "server", "start", "--host", HOST, "--port", str(port)]
     if not services:
         args.append("--no-services")
     with log_path.open("wb") as log:
@@ -211,6 +216,7 @@ def running_prefect_server(
         env=env,
         process=process,
         log_path=log_path,
+        executable=executable,
     )
     try:
         _wait_until_healthy(server, startup_timeout)

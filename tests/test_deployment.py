@@ -182,15 +182,17 @@ def test_prefect_yaml_declares_what_the_readme_promises() -> None:
     by_name = {d["name"]: d for d in config["deployments"]}
 
     weekly = by_name["weekly"]
-    assert weekly["entrypoint"] == "flows/refresh_stac_token.py:refresh_stac_token"
+    assert weekly["entrypoint"] == "cm_tasks.flows.refresh_stac_token"
     assert weekly["work_pool"]["name"] == POOL
     assert weekly["schedules"] == [{"cron": "0 6 * * 1", "timezone": "UTC", "active": True}]
     assert weekly["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     assert weekly["description"]
     assert weekly["tags"]
-    assert by_name["daily"]["entrypoint"] == "flows/check_stac_token.py:check_stac_token"
+    assert by_name["daily"]["entrypoint"] == "cm_tasks.watchdog.check_stac_token"
+    # The package's deployments need no checkout: no build step, no path in the pull step.
+    assert config["build"] is None
     assert config["pull"] == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ checkout.stdout }}"}}
+        {"prefect.deployments.steps.set_working_directory": {"directory": "."}}
     ]
 
 
@@ -210,9 +212,10 @@ def test_deploy_creates_the_deployments_as_configured(deployments: dict[str, Any
     assert weekly["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     assert [s["schedule"]["cron"] for s in weekly["schedules"]] == ["0 6 * * 1"]
     assert weekly["schedules"][0]["schedule"]["timezone"] == "UTC"
-    # The pull step was resolved at deploy time to this checkout.
+    # Module-path entrypoint and no path of this checkout: the worker imports the package.
+    assert weekly["entrypoint"] == "cm_tasks.flows.refresh_stac_token"
     assert weekly["pull_steps"] == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_ROOT)}}
+        {"prefect.deployments.steps.set_working_directory": {"directory": "."}}
     ]
     for deployment in deployments.values():
         schema = deployment["parameter_openapi_schema"]

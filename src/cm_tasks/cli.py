@@ -5,6 +5,8 @@
     cm-tasks status     token name, expiry, days left; exit 0 OK, 1 EXPIRING, 2 EXPIRED,
                         3 MISSING, 4 could not check
     cm-tasks emulator   serve the Carbon Mapper API emulator on 127.0.0.1
+    cm-tasks deploy     create or update the weekly refresh and daily check on a work pool
+    cm-tasks serve      run the same two deployments from this process (no pool, no worker)
 
 The password is only ever read from a hidden prompt: there is no option for it, so it never
 lands in shell history or a process list. Every command talks to the Prefect API that
@@ -14,6 +16,7 @@ lands in shell history or a process list. Every command talks to the Prefect API
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from datetime import datetime
 from typing import Annotated, Any, NoReturn, cast
@@ -23,6 +26,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cm_tasks import deployments
 from cm_tasks._version import __version__
 from cm_tasks.errors import CarbonMapperError
 from cm_tasks.notify import days_left
@@ -310,6 +314,118 @@ def emulator(
     from cm_tasks.testing.__main__ import serve
 
     serve(port, latency)
+
+
+def _pool_option(value: str) -> str:
+    try:
+        return deployments.validate_pool_name(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{exc}, e.g. {deployments.DEFAULT_POOL}.") from None
+
+
+_WATCHDOG_HELP = "Include the daily expiry check check-stac-token/daily (--no-watchdog: skip it)."
+
+
+def _job_variables_option(value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter('give a JSON object, e.g. \'{"image": "you/cm-tasks:0.2.0"}\'.')
+    return parsed
+
+
+@app.command()
+def deploy(
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="Work pool whose workers run the deployments; created (type process) if missing.",
+            callback=_pool_option,
+        ),
+    ] = deployments.DEFAULT_POOL,
+    watchdog: Annotated[bool, typer.Option(help=_WATCHDOG_HELP)] = True,
+    job_variables: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "JSON object of job variables for both deployments, e.g. "
+                '\'{"image": "you/cm-tasks:0.2.0"}\' (docker, kubernetes) or '
+                '\'{"pip_packages": ["cm-tasks"]}\' (Prefect managed). Stored in plain text.'
+            ),
+            callback=_job_variables_option,
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Create or update the deployments refresh-stac-token/weekly and check-stac-token/daily.
+
+    Safe to run again: it updates them in place. Their entrypoints are module paths of the
+    installed package, with no pull step, so any worker on the pool that has cm-tasks
+    installed runs them: no checkout needed. Start one with
+    `prefect worker start --pool carbon-mapper`.
+    """
+    try:
+        report = deployments.deploy(
+            pool,
+            watchdog=watchdog,
+            job_variables=cast("dict[str, Any] | None", job_variables),
+        )
+    except (httpx.HTTPError, OSError) as exc:
+        _fail(f"Could not deploy: {_prefect_error(exc)}")
+    out = _out()
+    pool_state = "created" if report.pool.created else "exists"
+    out.print(
+        f"Work pool {report.pool.name!r} ({report.pool.type}): {pool_state}, in {_api_location()}.",
+        highlight=False,
+    )
+    if job_variables:
+        out.print(f"Job variables: {json.dumps(job_variables)}", highlight=False, markup=False)
+    for result in report.deployments:
+        spec = result.spec
+        out.print(
+            f"{result.action.capitalize()} {result.full_name}: cron {spec.cron!r} "
+            f"({spec.timezone}), at most {spec.concurrency_limit} run at a time "
+            f"({spec.collision_strategy}); next run {result.next_run:%Y-%m-%d %H:%M} UTC.",
+            highlight=False,
+        )
+    out.print(
+        f"Next: start a worker where cm-tasks is installed: "
+        f"`prefect worker start --pool {report.pool.name}`.",
+        highlight=False,
+    )
+
+
+@app.command()
+def serve(
+    watchdog: Annotated[bool, typer.Option(help=_WATCHDOG_HELP)] = True,
+) -> None:
+    """Run the same deployments from this process until Ctrl-C or SIGTERM: no pool, no worker.
+
+    Registers refresh-stac-token/weekly and check-stac-token/daily (the schedules of `deploy`)
+    and runs their scheduled runs, and runs started from the UI or with
+    `prefect deployment run`, in this process. When it stops, Prefect pauses their schedules
+    until `cm-tasks serve` or `cm-tasks deploy` runs again.
+    """
+    _out().print(f"Serving from this process, with {_api_location()}.", highlight=False)
+    # Until Prefect's runner installs its own handler: SIGTERM stops like Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        deployments.serve(watchdog=watchdog)
+    except KeyboardInterrupt:
+        pass
+    except (httpx.HTTPError, OSError) as exc:
+        _fail(f"Could not serve: {_prefect_error(exc)}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _out().print(
+        "Stopped. The served deployments' schedules are paused until `cm-tasks serve` or "
+        "`cm-tasks deploy` runs again.",
+        highlight=False,
+    )
 
 
 def _settings(code: int = EXIT_FAILED) -> CarbonMapperSettings:
