@@ -9,7 +9,7 @@ BENCH_HOME := $(if $(filter .venv,$(VENV)),$(CURDIR)/.prefect-bench,$(abspath $(
 # No telemetry from an offline machine; keeps logs clean too.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test e2e compat wheel-test dist bench lint format clean
+.PHONY: install demo test e2e compat wheel-test dist bench screenshots lint format clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ lint: install
 ## test: lint, type-check, then the test suite (all but the scale-out run and the wheel test)
 test: lint
 	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m "not scale_out and not wheel"
+
+## screenshots: the browser test, writing the README's pictures of the run form and artifact
+screenshots: install
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test CM_TEST_SCREENSHOTS_DIR=$(CURDIR)/docs/img \
+		$(PY) -m pytest -q tests/test_run_form.py
 
 ## e2e: the scale-out run: PostgreSQL 15 + prefect server + two workers (needs postgresql-15)
 e2e: install

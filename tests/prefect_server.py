@@ -45,6 +45,7 @@ HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 180.0
+UNAVAILABLE_ATTEMPTS = 5
 
 # Settings of the developer's machine or of the test process that must not reach the server or
 # the commands run against it: each server gets exactly the environment this module builds.
@@ -127,12 +128,31 @@ class PrefectServer:
         return result
 
     def http(self) -> httpx.Client:
-        """An HTTP client for the REST API (`/api` is the base path)."""
-        return httpx.Client(base_url=self.api_url.rstrip("/") + "/", timeout=30)
+        """An HTTP client for the REST API (`/api` is the base path); retries a 503."""
+        return httpx.Client(
+            base_url=self.api_url.rstrip("/") + "/", timeout=30, transport=_RetryUnavailable()
+        )
 
     def log(self) -> str:
         """What the server printed so far."""
         return self.log_path.read_text(errors="replace")
+
+
+class _RetryUnavailable(httpx.HTTPTransport):
+    """Send a request again after a 503, as Prefect's own client does.
+
+    The server answers 503 to errors a client may retry, such as a busy SQLite database on a
+    loaded machine.
+    """
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(1, UNAVAILABLE_ATTEMPTS + 1):
+            response = super().handle_request(request)
+            if response.status_code != 503 or attempt == UNAVAILABLE_ATTEMPTS:
+                return response
+            response.close()
+            time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
 
 
 def _wait_until_healthy(server: PrefectServer, timeout: float) -> None:
@@ -194,7 +214,9 @@ def running_prefect_server(
     home = directory / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = base_environment(home, extra_env)
+    # The UI asks the API at this URL; left unset, it would default to port 4200.
+    env = base_environment(home, {"PREFECT_UI_API_URL": f"http://{HOST}:{port}/api"})
+    env.update(extra_env or {})
     log_path = home / "server.log"
     executable = executable or prefect_executable()
     args = [executable, "server", "start", "--host", HOST, "--port", str(port)]

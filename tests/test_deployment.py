@@ -222,8 +222,18 @@ def test_deploy_creates_the_deployments_as_configured(deployments: dict[str, Any
         # Quick run opens no dialog: nothing required, and every field described in the form.
         assert not schema.get("required")
         assert all(p.get("description") for p in schema["properties"].values())
-    lifetime = weekly["parameter_openapi_schema"]["properties"]["lifetime_days"]["anyOf"][0]
+    properties = weekly["parameter_openapi_schema"]["properties"]
+    lifetime = properties["lifetime_days"]
     assert (lifetime["minimum"], lifetime["maximum"]) == (1, 365)
+    # Concrete defaults, no `X | None` switch: the run form shows what a run uses.
+    assert {name: p["default"] for name, p in properties.items()} == {
+        "token_name": "",
+        "lifetime_days": 14,
+        "email_block": EMAIL_BLOCK,
+        "password_block": PASSWORD_BLOCK,
+        "token_block": TOKEN_BLOCK,
+    }
+    assert not any("anyOf" in p for p in properties.values())
 
 
 def test_the_server_enforces_the_parameter_limits(

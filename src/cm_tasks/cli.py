@@ -221,14 +221,21 @@ def refresh(
     """
     from cm_tasks.flows import refresh_stac_token
 
-    try:
-        summary: dict[str, Any] = refresh_stac_token(
-            token_name=token_name,
-            lifetime_days=lifetime_days,
-            email_block=email_block,
-            password_block=password_block,
-            token_block=token_block,
+    # Only the options given: the flow's defaults (and the CM_* settings that replace them in
+    # a call from Python) apply to the others.
+    given: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("token_name", token_name),
+            ("lifetime_days", lifetime_days),
+            ("email_block", email_block),
+            ("password_block", password_block),
+            ("token_block", token_block),
         )
+        if value is not None
+    }
+    try:
+        summary: dict[str, Any] = refresh_stac_token(**given)
     except CarbonMapperError as exc:
         _fail(f"The refresh failed: {exc}")
     except (httpx.HTTPError, OSError) as exc:

@@ -68,13 +68,13 @@ def default_token_name(now: datetime | None = None) -> str:
 
 
 def _check_token_name(token_name: str | None) -> str:
-    if token_name is None:
+    if not token_name:  # None, or the run form's empty field
         return default_token_name()
     name = token_name.strip()
     if not name:
         raise ConfigurationError(
-            "token_name is empty. Give a name such as 'weekly-ingest', or leave it unset "
-            "for a dated default like 'prefect-20261127T0600Z'."
+            "token_name is blank (only spaces). Give a name such as 'weekly-ingest', or leave "
+            "it empty for a dated default like 'prefect-20261127T0600Z'."
         )
     if len(name) > MAX_TOKEN_NAME_LENGTH:
         raise ConfigurationError(

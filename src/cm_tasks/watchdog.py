@@ -26,7 +26,8 @@ from cm_tasks.notify import (
     markdown_table,
     token_resource,
 )
-from cm_tasks.settings import load_settings, validate_block_name
+from cm_tasks.run_parameters import choose_values
+from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, load_settings, validate_block_name
 
 DEFAULT_THRESHOLD_DAYS = 3.0
 MAX_THRESHOLD_DAYS = 365.0
@@ -205,7 +206,7 @@ def check_stac_token(
     threshold_days: Annotated[
         float, Field(json_schema_extra={"minimum": 0, "maximum": MAX_THRESHOLD_DAYS})
     ] = DEFAULT_THRESHOLD_DAYS,
-    token_block: BlockName | None = None,
+    token_block: BlockName = DEFAULT_TOKEN_BLOCK,
 ) -> dict[str, Any]:
     """Check the saved STAC token; fail when it is missing, expired or about to expire.
 
@@ -217,8 +218,9 @@ def check_stac_token(
     Args:
         threshold_days: Fail when the token has this many days left or fewer, 0 to 365.
             Default: 3.
-        token_block: Block holding the token. Default: CM_TOKEN_BLOCK
-            (carbon-mapper-stac-token).
+        token_block: Block holding the token, as refresh-stac-token writes it and
+            get_stac_token() reads it. Setting: CM_TOKEN_BLOCK (a worker setting that differs
+            from a default parameter stops a deployment run: set the parameter to it).
 
     Returns:
         The status: state, block, token name, expiry, days left, threshold. Never the token.
@@ -234,7 +236,7 @@ def check_stac_token(
         print(status["state"], status["days_left"])
         ```
     """
-    block_name = load_settings().token_block if token_block is None else token_block
+    block_name = choose_values(load_settings(), {"token_block": token_block})["token_block"]
     status = check_token(block_name, threshold_days)
     publish_status(status)
     if not status.ok:
