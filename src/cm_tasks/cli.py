@@ -28,7 +28,7 @@ from rich.table import Table
 
 from cm_tasks import deployments
 from cm_tasks._version import __version__
-from cm_tasks.errors import CarbonMapperError
+from cm_tasks.errors import CarbonMapperError, ConfigurationError
 from cm_tasks.notify import days_left
 from cm_tasks.settings import CarbonMapperSettings, load_settings, validate_block_name
 from cm_tasks.watchdog import DEFAULT_THRESHOLD_DAYS, TokenState, TokenStatus, check_token
@@ -184,7 +184,9 @@ def refresh(
     token_name: Annotated[
         str | None,
         typer.Option(
-            help="Name of the new token. Default: prefect-<UTC date and time>.",
+            # No angle brackets: the markdown help mode drops them as HTML tags.
+            help="Name of the new token. Default: the UTC date and time, e.g. "
+            "prefect-20261127T0600Z.",
             show_default=False,
         ),
     ] = None,
@@ -217,25 +219,36 @@ def refresh(
     """Run the refresh-stac-token flow now, in this process, and print what it saved.
 
     Prints the block, token name, expiry and scopes - never the token. Exits 1 with the
-    flow's error message when the refresh fails; the stored token is then unchanged.
+    flow's error message when the refresh fails; the stored token is then unchanged. A bad
+    option or CM_* setting exits 64 before any flow run or API call.
     """
+    from cm_tasks.refresh import resolve_request
+
+    # The flow's own checks, run first: a bad value is a usage error with the flow's words,
+    # not a failed flow run.
+    settings = _settings(EXIT_USAGE)
+    try:
+        request = resolve_request(
+            settings,
+            token_name=token_name,
+            lifetime_days=lifetime_days,
+            email_block=email_block,
+            password_block=password_block,
+            token_block=token_block,
+        )
+    except ConfigurationError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
     from cm_tasks.flows import refresh_stac_token
 
-    # Only the options given: the flow's defaults (and the CM_* settings that replace them in
-    # a call from Python) apply to the others.
-    given: dict[str, Any] = {
-        name: value
-        for name, value in (
-            ("token_name", token_name),
-            ("lifetime_days", lifetime_days),
-            ("email_block", email_block),
-            ("password_block", password_block),
-            ("token_block", token_block),
-        )
-        if value is not None
-    }
     try:
-        summary: dict[str, Any] = refresh_stac_token(**given)
+        summary: dict[str, Any] = refresh_stac_token(
+            token_name=request.token_name,
+            lifetime_days=request.lifetime_days,
+            email_block=request.email_block,
+            password_block=request.password_block,
+            token_block=request.token_block,
+        )
     except CarbonMapperError as exc:
         _fail(f"The refresh failed: {exc}")
     except (httpx.HTTPError, OSError) as exc:
@@ -270,8 +283,9 @@ def status(
 ) -> None:
     """Show the saved token's name, expiry and days left; the exit code says how it stands.
 
-    Exit codes: 0 OK, 1 EXPIRING (within --threshold-days), 2 EXPIRED, 3 MISSING (no such
-    block), 4 could not check (Prefect API unreachable, bad setting, unreadable block).
+    Exit codes: 0 OK, 1 EXPIRING (within --threshold-days), 2 EXPIRED, 3 MISSING (a healthy
+    Prefect API has no such block), 4 could not check (Prefect API unreachable or not a
+    Prefect API, e.g. PREFECT_API_URL without /api; bad setting; unreadable block).
     Reads the block only: no call to the Carbon Mapper API.
     """
     block_name = token_block or _settings(EXIT_CHECK_ERROR).token_block

@@ -107,7 +107,11 @@ def _check_block(parameter: str, value: str | None, default: str) -> str:
     try:
         return validate_block_name(value)
     except ValueError as exc:
-        raise ConfigurationError(f"{parameter}: {exc}.") from None
+        problem = str(exc)
+    # Raised here, outside the except block, with the fix; a block name is not a secret.
+    raise ConfigurationError(
+        f"{parameter} is {value!r}: {problem}. Use a name like {default!r} (the default)."
+    )
 
 
 def resolve_request(

@@ -16,7 +16,7 @@ from prefect.events import emit_event
 from pydantic import BaseModel, ConfigDict, Field
 
 from cm_tasks.blocks import load_token_block
-from cm_tasks.errors import CarbonMapperError, ConfigurationError
+from cm_tasks.errors import CarbonMapperError, ConfigurationError, TokenBlockError
 from cm_tasks.flows import BlockName
 from cm_tasks.notify import (
     EXPIRING_EVENT,
@@ -127,13 +127,15 @@ def check_token(
 
     Raises:
         ConfigurationError: the block name or threshold is unusable.
-        TokenBlockError: the block exists but cannot be read.
+        TokenBlockError: the block exists but cannot be read, or the Prefect API said "not
+            found" but is not a healthy Prefect API (e.g. PREFECT_API_URL without `/api`).
     """
     block_name = _block_name(token_block)
     threshold = check_threshold(threshold_days)
     checked_at = now or datetime.now(timezone.utc)
     token = load_token_block(block_name)
     if token is None:
+        _confirm_not_found(block_name)
         return TokenStatus(
             state=TokenState.MISSING,
             token_block=block_name,
@@ -156,6 +158,30 @@ def check_token(
         expires_at=token.expires_at,
         days_left=left,
         scopes=list(token.scopes),
+    )
+
+
+def _confirm_not_found(block_name: str) -> None:
+    """Raise unless the "not found" came from a healthy Prefect API.
+
+    A PREFECT_API_URL without its `/api` reaches Prefect's server, which answers 404 to every
+    block read: that is "could not check", not MISSING.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    with get_client(sync_client=True) as client:
+        unhealthy = client.api_healthcheck()
+    if unhealthy is None:
+        return
+    status = getattr(getattr(unhealthy, "response", None), "status_code", None)
+    what = f"{type(unhealthy).__name__}{f' {status}' if status else ''}"
+    url = get_current_settings().api.url or "Prefect's local API"
+    raise TokenBlockError(
+        f"Could not check the token block {block_name!r}: {url} answered that it does not "
+        f"exist, but does not answer as a Prefect API ({what} on /health). Check "
+        "PREFECT_API_URL: it ends in /api, e.g. http://127.0.0.1:4200/api.",
+        transient=True,
     )
 
 
