@@ -45,14 +45,20 @@ def _ensure_limit(name: str) -> None:
 
 
 @contextmanager
-def refresh_lease(block_name: str) -> Iterator[None]:
-    """Hold the refresh lease of block_name; other processes wait until it is released."""
+def refresh_lease(
+    block_name: str, timeout_seconds: float = LEASE_TIMEOUT_SECONDS
+) -> Iterator[None]:
+    """Hold the refresh lease of block_name; other processes wait until it is released.
+
+    Raises:
+        TimeoutError: the lease was not free within timeout_seconds.
+    """
     name = lease_name(block_name)
     _ensure_limit(name)
     with concurrency(
         name,
         occupy=1,
-        timeout_seconds=LEASE_TIMEOUT_SECONDS,
+        timeout_seconds=timeout_seconds,
         lease_duration=LEASE_DURATION_SECONDS,
         strict=True,
     ):

@@ -2,7 +2,8 @@
 
 `CarbonMapperAuth` adds `Authorization: Bearer <token>` from `get_stac_token()` to every
 request. When a request comes back 401 (the token was revoked, or expired early), it drops the
-cached token, re-reads the block or refreshes, and sends the request once more. Only hosts of
+cached token, re-reads the block or refreshes (the way the refresh mode says: inline, through
+the refresh deployment, or not at all), and sends the request once more. Only hosts of
 the API base URL get the token, so following an asset link to another host never leaks it.
 """
 
@@ -19,11 +20,12 @@ from cm_tasks.access import (
     DEFAULT_MIN_VALID,
     aget_stac_token,
     arenew_rejected_token,
+    check_refresh,
     get_stac_token,
     renew_rejected_token,
 )
 from cm_tasks.client import USER_AGENT
-from cm_tasks.settings import load_settings
+from cm_tasks.settings import RefreshMode, load_settings
 
 
 def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
@@ -42,6 +44,8 @@ class CarbonMapperAuth(httpx.Auth):
         block_name: the `CarbonMapperStacToken` block; default `CM_TOKEN_BLOCK`.
         min_valid: how long the token must stay valid when a request is sent (default 1 h).
         base_url: the API whose host gets the token; default `CM_BASE_URL`.
+        refresh: how a missing, expiring or rejected token is renewed: `inline`,
+            `deployment` or `off`; default `CM_REFRESH_MODE` (see `get_stac_token`).
 
     Example:
         ```python
@@ -61,9 +65,11 @@ class CarbonMapperAuth(httpx.Auth):
         *,
         min_valid: timedelta = DEFAULT_MIN_VALID,
         base_url: str | None = None,
+        refresh: RefreshMode | None = None,
     ) -> None:
         self.block_name = block_name
         self.min_valid = min_valid
+        self.refresh = check_refresh(refresh)
         self._origin = _origin(base_url or load_settings().base_url)
 
     def __repr__(self) -> str:
@@ -84,10 +90,10 @@ class CarbonMapperAuth(httpx.Auth):
         if not self._ours(request):
             yield request
             return
-        token = get_stac_token(self.block_name, min_valid=self.min_valid)
+        token = get_stac_token(self.block_name, min_valid=self.min_valid, refresh=self.refresh)
         response = yield self._with_token(request, token)
         if response.status_code == 401:
-            token = renew_rejected_token(self.block_name, token, self.min_valid)
+            token = renew_rejected_token(self.block_name, token, self.min_valid, self.refresh)
             yield self._with_token(request, token)
 
     async def async_auth_flow(
@@ -97,15 +103,22 @@ class CarbonMapperAuth(httpx.Auth):
         if not self._ours(request):
             yield request
             return
-        token = await aget_stac_token(self.block_name, min_valid=self.min_valid)
+        token = await aget_stac_token(
+            self.block_name, min_valid=self.min_valid, refresh=self.refresh
+        )
         response = yield self._with_token(request, token)
         if response.status_code == 401:
-            token = await arenew_rejected_token(self.block_name, token, self.min_valid)
+            token = await arenew_rejected_token(
+                self.block_name, token, self.min_valid, self.refresh
+            )
             yield self._with_token(request, token)
 
 
 def _client_kwargs(
-    block_name: str | None, min_valid: timedelta, kwargs: dict[str, Any]
+    block_name: str | None,
+    min_valid: timedelta,
+    refresh: RefreshMode | None,
+    kwargs: dict[str, Any],
 ) -> dict[str, Any]:
     settings = load_settings()
     kwargs.setdefault("base_url", settings.base_url)
@@ -114,7 +127,7 @@ def _client_kwargs(
     headers = {"User-Agent": USER_AGENT, **dict(kwargs.pop("headers", None) or {})}
     kwargs["headers"] = headers
     kwargs["auth"] = CarbonMapperAuth(
-        block_name, min_valid=min_valid, base_url=str(kwargs["base_url"])
+        block_name, min_valid=min_valid, base_url=str(kwargs["base_url"]), refresh=refresh
     )
     return kwargs
 
@@ -123,28 +136,32 @@ def stac_http_client(
     block_name: str | None = None,
     *,
     min_valid: timedelta = DEFAULT_MIN_VALID,
+    refresh: RefreshMode | None = None,
     **kwargs: Any,
 ) -> httpx.Client:
     """An `httpx.Client` for the Carbon Mapper API that authenticates with the STAC token.
 
     Base URL, time-out and User-Agent come from the `CM_*` settings; redirects are followed
-    (the token is never sent to another host). Other keyword arguments go to `httpx.Client`.
+    (the token is never sent to another host). `refresh` chooses how the token is renewed
+    (`inline`, `deployment`, `off`; default `CM_REFRESH_MODE`). Other keyword arguments go
+    to `httpx.Client`.
 
     Example:
         ```python
         from cm_tasks.auth import stac_http_client
 
-        with stac_http_client() as http:
+        with stac_http_client(refresh="deployment") as http:
             csv_page = http.get("catalog/plume-csv", params={"limit": 100}).text
         ```
     """
-    return httpx.Client(**_client_kwargs(block_name, min_valid, kwargs))
+    return httpx.Client(**_client_kwargs(block_name, min_valid, refresh, kwargs))
 
 
 def async_stac_http_client(
     block_name: str | None = None,
     *,
     min_valid: timedelta = DEFAULT_MIN_VALID,
+    refresh: RefreshMode | None = None,
     **kwargs: Any,
 ) -> httpx.AsyncClient:
     """The `httpx.AsyncClient` twin of `stac_http_client`.
@@ -161,4 +178,4 @@ def async_stac_http_client(
         asyncio.run(main())
         ```
     """
-    return httpx.AsyncClient(**_client_kwargs(block_name, min_valid, kwargs))
+    return httpx.AsyncClient(**_client_kwargs(block_name, min_valid, refresh, kwargs))
