@@ -45,7 +45,7 @@ class CarbonMapperStacToken(Block):
         "Saved by the refresh-stac-token flow of cm-tasks; loaded by ingest flows."
     )
     _documentation_url = HttpUrl(
-        "https://github.com/carbon-mapper/cm-tasks#use-the-token-in-your-flows"
+        "https://github.com/carbon-mapper/cm-tasks/blob/main/docs/usage.md"
     )
 
     token: SecretStr = Field(description="The scoped STAC token (a bearer token).")

@@ -1,7 +1,7 @@
 """Prefect tasks: read the credentials, get an access token, create and save a STAC token.
 
 Every task that receives or returns a secret has `persist_result=False`, so no secret is ever
-written to result storage, whatever the server's defaults (see the README's Security section).
+written to result storage, whatever the server's defaults (see docs/security.md).
 Retries of the Carbon Mapper calls happen inside the client (transient faults only, honouring
 `Retry-After`); the save to Prefect is retried by Prefect on transient API errors.
 """
