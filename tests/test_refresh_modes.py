@@ -14,6 +14,7 @@ the server holds for it (tests/leaks.py).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import statistics
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 import pytest
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from cm_tasks import (
@@ -106,8 +109,9 @@ def account(server: PrefectServer, emulator: CarbonMapperEmulator) -> Secrets:
 @pytest.fixture(scope="module")
 def deployments(server: PrefectServer, account: Secrets) -> dict[str, str]:
     """The weekly refresh on its own pool (from prefect.yaml); a copy on a pool nobody serves."""
-    server.prefect("work-pool", "create", CREDENTIALS_POOL, "--type", "process")
-    server.prefect("work-pool", "create", IDLE_POOL, "--type", "process")
+    with using(server), get_client(sync_client=True) as client:
+        for pool in (CREDENTIALS_POOL, IDLE_POOL):  # as `prefect work-pool create`, faster
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
     server.prefect(
         "--no-prompt", "deploy", "--name", "weekly", "--pool", CREDENTIALS_POOL, cwd=REPO_ROOT
     )
@@ -190,23 +194,32 @@ def _stale_token(emulator: CarbonMapperEmulator) -> str:
     return token
 
 
+def _api(server: PrefectServer, method: str, path: str, body: Any = None) -> Any:
+    """One REST call to the server, tried again on a 503 (SQLite busy on a loaded machine)."""
+    with server.http() as http:
+        for _ in range(10):
+            response = http.request(method, path, json=body)
+            if response.status_code != 503:
+                break
+            time.sleep(1)
+        response.raise_for_status()
+        return response.json()
+
+
 def _runs(server: PrefectServer, deployment_id: str, since: datetime) -> list[dict[str, Any]]:
     """Runs of the deployment created since `since` (future schedules excluded), oldest first."""
-    with server.http() as http:
-        response = http.post(
-            "flow_runs/filter",
-            json={
-                "deployments": {"id": {"any_": [deployment_id]}},
-                "flow_runs": {
-                    "expected_start_time": {
-                        "before_": (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
-                    }
-                },
-                "limit": 200,
-            },
-        )
-        response.raise_for_status()
-    runs = [r for r in response.json() if datetime.fromisoformat(r["created"]) >= since]
+    horizon = datetime.now(timezone.utc) + timedelta(minutes=5)
+    found = _api(
+        server,
+        "POST",
+        "flow_runs/filter",
+        {
+            "deployments": {"id": {"any_": [deployment_id]}},
+            "flow_runs": {"expected_start_time": {"before_": horizon.isoformat()}},
+            "limit": 200,
+        },
+    )
+    runs = [r for r in found if datetime.fromisoformat(r["created"]) >= since]
     return sorted(runs, key=lambda r: r["created"])
 
 
@@ -214,33 +227,27 @@ def _wait_for_state(
     server: PrefectServer, flow_run_id: str, states: set[str], timeout: float = 120
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
-    with server.http() as http:
-        while True:
-            run = http.get(f"flow_runs/{flow_run_id}").json()
-            if run["state_type"] in states or time.monotonic() > deadline:
-                return dict(run)
-            time.sleep(0.25)
+    while True:
+        run = _api(server, "GET", f"flow_runs/{flow_run_id}")
+        if run["state_type"] in states or time.monotonic() > deadline:
+            return dict(run)
+        time.sleep(0.25)
 
 
 def _refreshed_events(server: PrefectServer, flow_run_id: str) -> list[dict[str, Any]]:
     """`refreshed` events related to the flow run; polled (the server persists in batches)."""
     related = f"prefect.flow-run.{flow_run_id}"
     deadline = time.monotonic() + EVENT_WAIT_SECONDS
-    with server.http() as http:
-        while True:
-            response = http.post(
-                "events/filter",
-                json={"filter": {"event": {"name": [REFRESHED_EVENT]}}, "limit": 50},
-            )
-            response.raise_for_status()
-            found = [
-                e
-                for e in response.json()["events"]
-                if any(r["prefect.resource.id"] == related for r in e["related"])
-            ]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.5)
+    body = {"filter": {"event": {"name": [REFRESHED_EVENT]}}, "limit": 50}
+    while True:
+        found = [
+            e
+            for e in _api(server, "POST", "events/filter", body)["events"]
+            if any(r["prefect.resource.id"] == related for r in e["related"])
+        ]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def _run_ingest(
@@ -539,38 +546,40 @@ def test_a_failed_refresh_run_is_every_callers_error_and_the_token_stays(
 
 
 def test_no_worker_times_out_saying_scheduled_but_not_picked_up(
-    server: PrefectServer,
+    on_server: PrefectServer,
     emulator: CarbonMapperEmulator,
     deployments: dict[str, str],
-    asset_url: str,
-    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    with using(server):
-        old = _stale_token(emulator)
+    old = _stale_token(emulator)
+    monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", IDLE)
+    monkeypatch.setenv("CM_REFRESH_TIMEOUT", "5")
     since = datetime.now(timezone.utc)
 
-    outputs = _run_ingest(
-        server,
-        emulator,
-        tmp_path,
-        asset_url,
-        processes=1,
-        tasks=3,
-        extra_env={"CM_REFRESH_DEPLOYMENT": IDLE, "CM_REFRESH_TIMEOUT": "6"},
-    )
+    def call() -> tuple[float, BaseException | None]:
+        started = time.monotonic()
+        try:
+            get_stac_token()
+        except BaseException as exc:  # each caller's error is its result
+            return time.monotonic() - started, exc
+        return time.monotonic() - started, None
 
-    runs = _runs(server, deployments[IDLE], since)
+    # Three callers at once, each in a copy of this context (it points Prefect at the server).
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, call) for _ in range(3)]
+        outcomes = [future.result() for future in futures]
+
+    runs = _runs(on_server, deployments[IDLE], since)
     assert [r["state_type"] for r in runs] == ["SCHEDULED"]  # one run, joined by every caller
-    results = outputs[0]["results"]
-    assert [r.get("error_type") for r in results] == ["RefreshTimeoutError"] * 3
-    for result in results:
-        assert "scheduled but not picked up" in result["error"]
-        assert f"work pool '{IDLE_POOL}'" in result["error"]
-        assert f"'{runs[0]['name']}'" in result["error"]
-    with using(server):
-        assert stored_token() == old
-    _assert_no_credential_access(outputs, emulator)
-    print(f"\nno worker: callers gave up after {[round(r['waited'], 1) for r in results]} s")
+    errors = [error for _, error in outcomes]
+    assert [type(error).__name__ for error in errors] == ["RefreshTimeoutError"] * 3
+    for error in errors:
+        assert "scheduled but not picked up" in str(error)
+        assert f"work pool '{IDLE_POOL}'" in str(error)
+        assert f"'{runs[0]['name']}'" in str(error)
+    assert stored_token() == old
+    assert_no_leak(collect_secrets(emulator), exceptions=[e for e in errors if e is not None])
+    print(f"\nno worker: callers gave up after {[round(t, 1) for t, _ in outcomes]} s")
 
 
 def test_a_401_renews_through_the_deployment_once(
@@ -613,11 +622,8 @@ def test_a_run_cancelled_by_the_concurrency_limit_waits_for_the_running_one(
     creates = emulator.requests(CREATE_STAC)
     since = datetime.now(timezone.utc)
     # The weekly schedule (or a Quick run) is busy: its token/pair answer takes a while.
-    emulator.fail(TOKEN_PAIR, Fault.delay(12))
-    with on_server.http() as http:
-        response = http.post(f"deployments/{deployments[WEEKLY]}/create_flow_run", json={})
-        assert response.status_code == 201, response.text
-    scheduled = response.json()
+    emulator.fail(TOKEN_PAIR, Fault.delay(6))
+    scheduled = _api(on_server, "POST", f"deployments/{deployments[WEEKLY]}/create_flow_run", {})
     running = _wait_for_state(on_server, scheduled["id"], {"RUNNING"})
     assert running["state_type"] == "RUNNING"
 
