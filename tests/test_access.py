@@ -214,7 +214,9 @@ def test_inside_a_flow_refresh_is_task_runs_not_a_subflow(
     ("kwargs", "message"),
     [
         ({"min_valid": timedelta(seconds=-1)}, "min_valid"),
-        ({"min_valid": timedelta(days=14)}, "shorter than the lifetime"),
+        ({"min_valid": timedelta(days=14)}, "shorter than the shortest lifetime"),
+        # 13 days: a 14-day token made just before midnight UTC has 13 days and a bit.
+        ({"min_valid": timedelta(days=13)}, "under 13 days"),
         ({"block_name": "Not A Block"}, "lowercase letters"),
     ],
 )

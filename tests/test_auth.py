@@ -17,7 +17,7 @@ from cm_tasks import (
 )
 from cm_tasks.testing import CarbonMapperEmulator, Fault
 
-from .token_helpers import CREATE_STAC, save_token, stored_token
+from .token_helpers import CREATE_STAC, mint, save_token, stored_token
 
 REVOKED = "revoked-token-value"
 
@@ -82,6 +82,7 @@ def test_a_second_401_is_returned_not_retried_forever(
     carbon_mapper_token_block: CarbonMapperStacToken, carbon_mapper_emulator: CarbonMapperEmulator
 ) -> None:
     emu = carbon_mapper_emulator
+    save_token(emu, mint(emu), timedelta(days=10))  # made 4 days ago: renewed on a 401
     _, _, path = _asset_path(emu)
     emu.fail(path, Fault.status(401, times=5))
 
@@ -109,7 +110,7 @@ async def test_async_client_concurrent_401s_share_one_refresh(
 
 
 def test_token_goes_only_to_the_api_origin(
-    carbon_mapper_token_block: CarbonMapperStacToken,
+    carbon_mapper_token_block: CarbonMapperStacToken, carbon_mapper_emulator: CarbonMapperEmulator
 ) -> None:
     seen: dict[str, str | None] = {}
 
@@ -117,12 +118,12 @@ def test_token_goes_only_to_the_api_origin(
         seen[request.url.host] = request.headers.get("Authorization")
         return httpx.Response(200)
 
-    auth = CarbonMapperAuth(base_url="https://api.example.org/api/v1/")
+    auth = CarbonMapperAuth()  # CM_BASE_URL: the emulator, which the token block names
     with httpx.Client(auth=auth, transport=httpx.MockTransport(handler)) as http:
-        http.get("https://api.example.org/api/v1/stac/assets/x/cmf.tif")
+        http.get(f"{carbon_mapper_emulator.base_url}stac/assets/x/cmf.tif")
         http.get("https://bucket.s3.example.com/x/cmf.tif")
 
-    assert seen["api.example.org"] == f"Bearer {carbon_mapper_token_block.get()}"
+    assert seen["127.0.0.1"] == f"Bearer {carbon_mapper_token_block.get()}"
     assert seen["bucket.s3.example.com"] is None
     assert carbon_mapper_token_block.get() not in repr(auth)
 

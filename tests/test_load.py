@@ -49,7 +49,7 @@ def test_fifty_concurrent_runs_share_one_refresh(server: PrefectServer, tmp_path
                 token=SecretStr(stale["token_value"]),
                 name="about-to-expire",
                 expires_at=now + timedelta(minutes=10),  # within get_stac_token's 1 hour
-                created_at=now,
+                created_at=now - timedelta(days=1),  # not one made moments ago
                 base_url=emulator.base_url,
             ).save(TOKEN_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
         asset_url = _first_asset_url(emulator)

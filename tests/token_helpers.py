@@ -20,14 +20,22 @@ def save_token(
     token: str,
     expires_in: timedelta,
     block_name: str = TOKEN_BLOCK,
+    *,
+    created_ago: timedelta | None = None,
 ) -> CarbonMapperStacToken:
-    """Save token to the block with an expiry of now + expires_in (whatever the JWT says)."""
+    """Save token to the block with an expiry of now + expires_in (whatever the JWT says).
+
+    It was created created_ago (default: as a 14-day token would have been, at least a day
+    ago): a token created minutes ago is one cm-tasks does not renew on a 401.
+    """
     now = datetime.now(timezone.utc)
+    if created_ago is None:
+        created_ago = max(timedelta(days=14) - expires_in, timedelta(days=1))
     block = CarbonMapperStacToken(
         token=token,  # type: ignore[arg-type]
         name="saved-by-test",
         expires_at=now + expires_in,
-        created_at=now,
+        created_at=now - created_ago,
         scopes=["stac", "catalog:read"],
         base_url=emulator.base_url,
     )

@@ -41,7 +41,12 @@ from prefect.settings import PREFECT_API_URL
 
 from cm_tasks._logging import current_logger
 from cm_tasks._refresh_lease import refresh_lease
-from cm_tasks.errors import ConfigurationError, RefreshRunError, RefreshTimeoutError
+from cm_tasks.errors import (
+    ConfigurationError,
+    RefreshRunError,
+    RefreshTimeoutError,
+    TokenBlockError,
+)
 from cm_tasks.settings import CarbonMapperSettings
 
 TOKEN_BLOCK_PARAMETER = "token_block"
@@ -84,12 +89,17 @@ def lease(block_name: str, settings: CarbonMapperSettings, attempt: Attempt) -> 
             until the deadline; says what that run is doing.
     """
     with ExitStack() as stack:
+        failure: TokenBlockError | None = None
         try:
             stack.enter_context(
-                refresh_lease(block_name, timeout_seconds=max(attempt.remaining(), 1.0))
+                refresh_lease(block_name, settings, wait_seconds=max(attempt.remaining(), 1.0))
             )
-        except TimeoutError:
-            raise _lease_timeout(block_name, settings, attempt) from None
+        except (TimeoutError, TokenBlockError) as exc:
+            if attempt.remaining() > 1.0 and isinstance(exc, TokenBlockError):
+                raise  # not a wait that ran out: the Prefect API failed; its message says so
+            failure = _lease_timeout(block_name, settings, attempt)
+        if failure is not None:
+            raise failure  # outside the except block: no chained lease error
         yield
 
 

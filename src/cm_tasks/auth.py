@@ -1,10 +1,15 @@
-"""httpx authentication with the STAC token, renewed once when the API answers 401.
+"""httpx authentication with the STAC token, renewed at most once when the API answers 401.
 
 `CarbonMapperAuth` adds `Authorization: Bearer <token>` from `get_stac_token()` to every
-request. When a request comes back 401 (the token was revoked, or expired early), it drops the
-cached token, re-reads the block or refreshes (the way the refresh mode says: inline, through
-the refresh deployment, or not at all), and sends the request once more. Only hosts of
-the API base URL get the token, so following an asset link to another host never leaks it.
+request. Only the scheme, host and port of the API base URL get the token, so following an
+asset link to another host never leaks it; and the token must belong to that API (the token
+block's `base_url`), or a `ConfigurationError` names both URLs before anything is sent.
+
+When a request comes back 401 from the API's own origin (not from another host a redirect led
+to), the token is renewed at most once (see `cm_tasks.access.renew_rejected_token`): a token
+that another request already replaced is swapped in without any I/O; a token created minutes
+ago is not renewed and the 401 goes back to the caller; otherwise the block is re-read or
+refreshed and the request sent once more.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import httpx
 
 from cm_tasks.access import (
     DEFAULT_MIN_VALID,
-    aget_stac_token,
     arenew_rejected_token,
+    atoken_for_api,
     check_refresh,
-    get_stac_token,
     renew_rejected_token,
+    token_for_api,
 )
 from cm_tasks.client import USER_AGENT
 from cm_tasks.settings import RefreshMode, load_settings
@@ -35,15 +40,19 @@ def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
 
 
 class CarbonMapperAuth(httpx.Auth):
-    """An `httpx.Auth` that sends the STAC token, renewing it once on a 401.
+    """An `httpx.Auth` that sends the STAC token, renewing it at most once on a 401.
 
     Works with `httpx.Client` and `httpx.AsyncClient` (the async flow never blocks the event
-    loop). The token is sent only to the scheme, host and port of the API base URL.
+    loop). The token is sent only to the scheme, host and port of the API base URL, and only
+    if the token block holds a token for that API. A 401 renews the token only when it comes
+    from the API itself and the token was not created moments ago; otherwise the 401 response
+    is returned as it is.
 
     Args:
         block_name: the `CarbonMapperStacToken` block; default `CM_TOKEN_BLOCK`.
         min_valid: how long the token must stay valid when a request is sent (default 1 h).
-        base_url: the API whose host gets the token; default `CM_BASE_URL`.
+        base_url: the API whose host gets the token; default `CM_BASE_URL`. The token
+            block must hold a token for this API.
         refresh: how a missing, expiring or rejected token is renewed: `inline`,
             `deployment` or `off`; default `CM_REFRESH_MODE` (see `get_stac_token`).
 
@@ -67,16 +76,22 @@ class CarbonMapperAuth(httpx.Auth):
         base_url: str | None = None,
         refresh: RefreshMode | None = None,
     ) -> None:
+        self.refresh = check_refresh(refresh)  # a bad value fails here, before any request
         self.block_name = block_name
         self.min_valid = min_valid
-        self.refresh = check_refresh(refresh)
-        self._origin = _origin(base_url or load_settings().base_url)
+        self._base_url = base_url or load_settings().base_url
+        self._origin = _origin(self._base_url)
 
     def __repr__(self) -> str:
         return f"CarbonMapperAuth(block_name={self.block_name!r})"
 
     def _ours(self, request: httpx.Request) -> bool:
         return _origin(request.url) == self._origin
+
+    def _rejected_by_api(self, response: httpx.Response) -> bool:
+        # After redirects, the response is the last hop's: a 401 from another host says
+        # nothing about our token (which that host never got).
+        return response.status_code == 401 and self._ours(response.request)
 
     @staticmethod
     def _with_token(request: httpx.Request, token: str) -> httpx.Request:
@@ -86,32 +101,34 @@ class CarbonMapperAuth(httpx.Auth):
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
-        """Send with the token; on a 401, renew the token once and send again."""
+        """Send with the token; on the API's 401, renew the token at most once and resend."""
         if not self._ours(request):
             yield request
             return
-        token = get_stac_token(self.block_name, min_valid=self.min_valid, refresh=self.refresh)
+        token = token_for_api(self.block_name, self.min_valid, self._base_url, self.refresh)
         response = yield self._with_token(request, token)
-        if response.status_code == 401:
-            token = renew_rejected_token(self.block_name, token, self.min_valid, self.refresh)
-            yield self._with_token(request, token)
+        if self._rejected_by_api(response):
+            renewed = renew_rejected_token(
+                self.block_name, token, self.min_valid, self._base_url, self.refresh
+            )
+            if renewed is not None:
+                yield self._with_token(request, renewed)
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        """Send with the token; on a 401, renew the token once and send again."""
+        """Send with the token; on the API's 401, renew the token at most once and resend."""
         if not self._ours(request):
             yield request
             return
-        token = await aget_stac_token(
-            self.block_name, min_valid=self.min_valid, refresh=self.refresh
-        )
+        token = await atoken_for_api(self.block_name, self.min_valid, self._base_url, self.refresh)
         response = yield self._with_token(request, token)
-        if response.status_code == 401:
-            token = await arenew_rejected_token(
-                self.block_name, token, self.min_valid, self.refresh
+        if self._rejected_by_api(response):
+            renewed = await arenew_rejected_token(
+                self.block_name, token, self.min_valid, self._base_url, self.refresh
             )
-            yield self._with_token(request, token)
+            if renewed is not None:
+                yield self._with_token(request, renewed)
 
 
 def _client_kwargs(

@@ -15,11 +15,11 @@ from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary
 from pydantic import BaseModel, ConfigDict
 
 from cm_tasks._logging import RunLogger, current_logger
-from cm_tasks.blocks import CarbonMapperStacToken
+from cm_tasks.blocks import CarbonMapperStacToken, load_token_block
 from cm_tasks.client import CarbonMapperClient
 from cm_tasks.errors import BadCredentialsError, ConfigurationError
 from cm_tasks.notify import publish_refreshed
-from cm_tasks.settings import CarbonMapperSettings, validate_block_name
+from cm_tasks.settings import CarbonMapperSettings, api_identity, validate_block_name
 from cm_tasks.tasks import create_stac_token, get_access_token, read_credentials, save_stac_token
 
 MIN_LIFETIME_DAYS = 1
@@ -191,6 +191,28 @@ def _refresh(
     finally:
         if client is None:
             api.close()
+    _warn_if_replacing_another_api(request.token_block, token.base_url)
     save_stac_token(token, request.token_block)
     publish_refreshed(token, request.token_block)
     return token
+
+
+def _warn_if_replacing_another_api(block_name: str, base_url: str) -> None:
+    """Say so when the block about to be overwritten holds a token for another API.
+
+    Inline and 401-triggered refreshes never get here with such a block (`cm_tasks.access`
+    refuses first); the explicit refresh flow may replace it, but not silently.
+    """
+    try:
+        existing = load_token_block(block_name)
+    except Exception:  # only for a warning: an unreadable block is replaced as before
+        return
+    if existing is not None and api_identity(existing.base_url) != api_identity(base_url):
+        current_logger().warning(
+            "Block %r held a token for %s; it now holds one for %s (CM_BASE_URL). Code that "
+            "uses this block with the other API will get a ConfigurationError: give each API "
+            "its own token block (CM_TOKEN_BLOCK).",
+            block_name,
+            existing.base_url,
+            base_url,
+        )

@@ -154,6 +154,24 @@ class CarbonMapperSettings(BaseSettings):
         return value.strip()
 
 
+def api_identity(url: str) -> str:
+    """A base URL in one spelling, to tell whether two URLs name the same API.
+
+    Scheme and host are lower-cased, a default port is dropped and the path ends in `/`:
+    `HTTPS://API.example.org:443/api/v1` and `https://api.example.org/api/v1/` are one API.
+    """
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host if port in (None, {"http": 80, "https": 443}.get(scheme)) else f"{host}:{port}"
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return f"{scheme}://{netloc}{path}"
+
+
 def validate_block_name(value: str) -> str:
     """Return value if it is a valid Prefect block name, else raise ValueError saying why."""
     name = value.strip()

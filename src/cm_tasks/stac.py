@@ -6,7 +6,8 @@ never imports this module, so the package works without pystac-client.
 The token is added when each request is *sent*, by a `requests` transport adapter mounted on
 the API base URL only: pystac-client's debug log of request headers never shows it, other
 hosts never receive it, a long-lived catalog picks up a refreshed token, and a 401 makes the
-adapter renew the token once and resend.
+adapter renew the token at most once and resend (a token created moments ago is not renewed:
+the 401 is returned).
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ class TokenAdapter(HTTPAdapter):
         response = super().send(signed, **kwargs)
         if response.status_code != 401:
             return response
+        renewed = renew_rejected_token(self.block_name, token, self.min_valid, refresh=self.refresh)
+        if renewed is None:  # a token made moments ago: the 401 is not the token's fault
+            return response
         response.close()
-        token = renew_rejected_token(self.block_name, token, self.min_valid, self.refresh)
+        token = renewed
         signed = request.copy()
         signed.headers["Authorization"] = f"Bearer {token}"
         return super().send(signed, **kwargs)
