@@ -27,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
@@ -660,3 +661,32 @@ def test_errors_are_refresh_run_errors_and_token_block_errors() -> None:
     assert issubclass(RefreshRunError, TokenBlockError)
     error = RefreshTimeoutError("x", flow_run_name="a-run", flow_run_id="1", transient=True)
     assert (error.flow_run_name, error.transient) == ("a-run", True)
+
+
+def test_prefect_api_failures_while_following_the_run_say_what_to_fix() -> None:
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from cm_tasks._deployment_refresh import _call
+
+    settings = load_settings()
+
+    def refused(status: int) -> None:
+        request = httpx.Request("POST", "http://prefect.example/api/deployments/x/create_flow_run")
+        response = httpx.Response(status, request=request)
+        error = httpx.HTTPStatusError("refused", request=request, response=response)
+        raise PrefectHTTPStatusError.from_httpx_error(error)
+
+    def unreachable() -> None:
+        raise httpx.ConnectError("connection refused")
+
+    with pytest.raises(RefreshRunError, match=r"refused \(403\).*create and read") as forbidden:
+        _call(settings, refused, 403)
+    assert not forbidden.value.transient
+    assert forbidden.value.__context__ is None  # the Prefect error (its request) is not kept
+    with pytest.raises(RefreshRunError, match="503 from the Prefect API") as busy:
+        _call(settings, refused, 503)
+    assert busy.value.transient
+    with pytest.raises(RefreshRunError, match="ConnectError from the Prefect API") as down:
+        _call(settings, unreachable)
+    assert down.value.transient
+    assert down.value.__context__ is None

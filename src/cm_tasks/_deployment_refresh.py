@@ -36,7 +36,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL
 
 from cm_tasks._logging import current_logger
@@ -293,18 +293,29 @@ def _read_deployment(client: SyncPrefectClient, settings: CarbonMapperSettings) 
 def _call(
     settings: CarbonMapperSettings, call: Callable[..., Any], *args: Any, **kwargs: Any
 ) -> Any:
-    """One Prefect API call; a failure to reach the API becomes a transient RefreshRunError."""
+    """One Prefect API call; a failure of the API becomes a RefreshRunError saying which."""
+    failure: RefreshRunError | None = None
     try:
         return call(*args, **kwargs)
     except (ConfigurationError, RefreshRunError):
         raise
     except Exception as exc:
-        raise RefreshRunError(
-            f"Could not run or follow the refresh deployment {settings.refresh_deployment!r} "
-            f"({type(exc).__name__} from the Prefect API). Check that the Prefect API is "
-            "reachable (PREFECT_API_URL).",
-            transient=True,
-        ) from None
+        status = exc.response.status_code if isinstance(exc, PrefectHTTPStatusError) else None
+        if status in (401, 403):
+            failure = RefreshRunError(
+                f"The Prefect API refused ({status}) to run or follow the refresh deployment "
+                f"{settings.refresh_deployment!r}: the identity of this process must be allowed "
+                "to read that deployment and to create and read its flow runs.",
+            )
+        else:
+            failure = RefreshRunError(
+                f"Could not run or follow the refresh deployment "
+                f"{settings.refresh_deployment!r} ({type(exc).__name__}"
+                f"{f' {status}' if status else ''} from the Prefect API). Check that the "
+                "Prefect API is reachable (PREFECT_API_URL).",
+                transient=status is None or status in (408, 429, 500, 502, 503, 504),
+            )
+    raise failure  # outside the except block: the Prefect error is not chained
 
 
 def _timeout(
