@@ -28,6 +28,8 @@ from cm_tasks.errors import (
     InvalidRequestError,
     PermissionDeniedError,
     RateLimitedError,
+    RefreshRunError,
+    RefreshTimeoutError,
     TokenBlockError,
     UnauthorizedError,
     UnexpectedResponseError,
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from cm_tasks.notify import EXPIRING_EVENT, REFRESHED_EVENT
     from cm_tasks.refresh import RefreshRequest, RefreshSummary, resolve_request, run_refresh
     from cm_tasks.retry import RetryPolicy
-    from cm_tasks.settings import CarbonMapperSettings, load_settings
+    from cm_tasks.settings import CarbonMapperSettings, RefreshMode, load_settings
     from cm_tasks.tasks import (
         create_stac_token,
         get_access_token,
@@ -79,7 +81,7 @@ _LAZY_MODULES = {
     "cm_tasks.notify": ["EXPIRING_EVENT", "REFRESHED_EVENT"],
     "cm_tasks.refresh": ["RefreshRequest", "RefreshSummary", "resolve_request", "run_refresh"],
     "cm_tasks.retry": ["RetryPolicy"],
-    "cm_tasks.settings": ["CarbonMapperSettings", "load_settings"],
+    "cm_tasks.settings": ["CarbonMapperSettings", "RefreshMode", "load_settings"],
     "cm_tasks.tasks": [
         "create_stac_token",
         "get_access_token",
@@ -127,8 +129,11 @@ __all__ = [
     "IssuedStacToken",
     "PermissionDeniedError",
     "RateLimitedError",
+    "RefreshMode",
     "RefreshRequest",
+    "RefreshRunError",
     "RefreshSummary",
+    "RefreshTimeoutError",
     "RetryPolicy",
     "StacTokenExpiringError",
     "TokenBlockError",

@@ -241,19 +241,29 @@ def _release(api: str | None, name: str, lease_id: Any, since: float) -> None:
 
 
 @contextmanager
-def refresh_lease(block_name: str, settings: CarbonMapperSettings | None = None) -> Iterator[None]:
+def refresh_lease(
+    block_name: str,
+    settings: CarbonMapperSettings | None = None,
+    wait_seconds: float | None = None,
+) -> Iterator[None]:
     """Hold the refresh lease of block_name on the current Prefect API; others wait for it.
 
     Args:
         block_name: the token block being refreshed.
         settings: the retry settings the wait is derived from; default `load_settings()`.
+        wait_seconds: how long to wait for the lease (and how long it outlives a holder that
+            died) instead: a refresh through the deployment waits `CM_REFRESH_TIMEOUT`.
 
     Raises:
         TokenBlockError: the lease could not be taken in time (transient), the Prefect API
             could not be reached (transient) or refused the lease.
     """
     name = lease_name(block_name)
-    wait = refresh_time_bound(settings or load_settings())
+    wait = (
+        wait_seconds
+        if wait_seconds is not None
+        else refresh_time_bound(settings or load_settings())
+    )
     api = _api()
     failure: TokenBlockError | None = None
     try:

@@ -1,14 +1,19 @@
-"""`get_stac_token()`: the STAC token for downstream code, cached per process, refreshed inline.
+"""`get_stac_token()`: the STAC token for downstream code, cached per process, renewed on demand.
 
 One call gives ingest code a token it can use right now, inside or outside a flow:
 
 1. A token cached in this process that stays valid for `min_valid` is returned at once (a dict
    look-up: no Prefect call, no lock).
 2. Otherwise the token block is read again (another process may have refreshed it).
-3. If the block is missing, or its token expires within `min_valid`, the token is refreshed
-   inline with the package's own tasks (`resolve_request` + `run_refresh`: plain task runs
-   inside a flow, not a subflow), saved to the block, cached and returned. `_refresh` is that
-   one step.
+3. If the block is missing, or its token expires within `min_valid`, the token is renewed
+   the way the refresh mode says (`CM_REFRESH_MODE`, or the `refresh=` keyword). `_refresh`
+   is that one step:
+   - `inline` (default): with the package's own tasks (`resolve_request` + `run_refresh`:
+     plain task runs inside a flow, not a subflow), saved to the block, cached and returned;
+     this process reads the credential Secret blocks.
+   - `deployment`: by a run of the refresh deployment (`cm_tasks._deployment_refresh`), which
+     a worker of its own pool executes; this process only waits for it and re-reads the block.
+   - `off`: not at all; a `TokenBlockError` says how to refresh.
 
 The rules that keep this safe where real deployments run it:
 
@@ -58,6 +63,7 @@ import httpx
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL
 
+from cm_tasks import _deployment_refresh
 from cm_tasks._logging import current_logger
 from cm_tasks._refresh_lease import refresh_lease
 from cm_tasks.blocks import CarbonMapperStacToken, load_token_block
@@ -65,9 +71,11 @@ from cm_tasks.errors import CarbonMapperError, ConfigurationError, TokenBlockErr
 from cm_tasks.refresh import resolve_request, run_refresh
 from cm_tasks.settings import (
     CarbonMapperSettings,
+    RefreshMode,
     api_identity,
     load_settings,
     validate_block_name,
+    validate_refresh_mode,
 )
 
 DEFAULT_MIN_VALID = timedelta(hours=1)
@@ -212,6 +220,16 @@ def _resolve(block_name: str | None, base_url: str | None) -> tuple[str, CarbonM
     return name, settings, base_url or settings.base_url
 
 
+def check_refresh(refresh: str | None) -> RefreshMode | None:
+    """The refresh= keyword as a mode (None: use `CM_REFRESH_MODE`); a bad one is an error."""
+    if refresh is None:
+        return None
+    try:
+        return validate_refresh_mode(refresh)
+    except ValueError as exc:
+        raise ConfigurationError(f"refresh={refresh!r}: {exc}.") from None
+
+
 def _check_min_valid(min_valid: timedelta, settings: CarbonMapperSettings) -> None:
     shortest = timedelta(days=settings.token_lifetime_days - 1)
     if timedelta(0) <= min_valid < shortest:
@@ -276,8 +294,63 @@ def _read_block(block_name: str) -> CarbonMapperStacToken | None:
     raise failure
 
 
-def _refresh(block_name: str, settings: CarbonMapperSettings) -> CarbonMapperStacToken:
-    """Make a new token for settings.base_url and save it to block_name: the refresh step."""
+def _refresh_disabled(
+    block_name: str, block: CarbonMapperStacToken | None, min_valid: timedelta, rejected: bool
+) -> TokenBlockError:
+    """The error of refresh mode `off`: what is wrong with the token and where to refresh it."""
+    if block is None:
+        state = f"The token block {block_name!r} does not exist"
+    elif rejected:
+        state = (
+            f"The API rejected the STAC token in block {block_name!r} (saved as valid "
+            f"until {block.expires_at.isoformat()})"
+        )
+    elif block.expires_within(timedelta(0)):
+        state = f"The STAC token in block {block_name!r} expired at {block.expires_at.isoformat()}"
+    else:
+        state = (
+            f"The STAC token in block {block_name!r} expires at "
+            f"{block.expires_at.isoformat()}, within min_valid ({min_valid})"
+        )
+    return TokenBlockError(
+        f"{state}, and this process does not refresh tokens (refresh mode off: "
+        "CM_REFRESH_MODE or refresh='off'). Refresh it where the account credentials are: "
+        "run the deployment (`prefect deployment run refresh-stac-token/weekly`) or "
+        "`cm-tasks refresh`, then try again."
+    )
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one slow-path call asks for: the API, min_valid, the rejected token, the mode."""
+
+    api_url: str
+    min_valid: timedelta
+    rejected: str | None
+    mode: RefreshMode
+    attempt: _deployment_refresh.Attempt
+
+
+def _refresh(key: _Key, settings: CarbonMapperSettings, call: _Call) -> CarbonMapperStacToken:
+    """The one refresh step: inline (a new token made here), or through the deployment."""
+    if call.mode == "deployment":
+        latest: list[CarbonMapperStacToken | None] = [None]
+
+        def fresh() -> bool:
+            block = _read_block(key[1])
+            if block is not None and not _same_api(block, call.api_url):
+                raise _api_mismatch(key[1], block, call.api_url)
+            latest[0] = block
+            return _decide(block, call.min_valid, call.rejected) is not _Decision.REFRESH
+
+        _deployment_refresh.refresh_through_deployment(key[1], settings, call.attempt, fresh)
+        assert latest[0] is not None  # fresh() returned True
+        return latest[0]
+    return _refresh_inline(key[1], settings)
+
+
+def _refresh_inline(block_name: str, settings: CarbonMapperSettings) -> CarbonMapperStacToken:
+    """Make a new token for settings.base_url and save it to block_name."""
     global _refreshes
     current_logger().info(
         "The STAC token in block %r is missing or about to expire: getting a new one.",
@@ -366,8 +439,16 @@ def _slow_path(
     api_url: str,
     min_valid: timedelta,
     rejected: str | None,
+    refresh: RefreshMode | None = None,
 ) -> str | None:
     """Re-read the block and, if need be, refresh: one thread per (Prefect API, block)."""
+    call = _Call(
+        api_url,
+        min_valid,
+        rejected,
+        refresh or settings.refresh_mode,
+        _deployment_refresh.Attempt.start(settings),  # before waiting for the lock
+    )
     with _lock_for(key):
         with _guard:
             entry = _cache.get(key)
@@ -393,8 +474,11 @@ def _slow_path(
                 return entry.block.get()  # Prefect was down moments ago: do not wait on it
         failure: Exception | None = None
         try:
-            _settle(key, _read_block(key[1]), api_url, min_valid, rejected)
-            block = _refresh_under_lease(key, settings, api_url, min_valid, rejected)
+            current = _read_block(key[1])
+            _settle(key, current, api_url, min_valid, rejected)
+            if call.mode == "off":
+                raise _refresh_disabled(key[1], current, min_valid, rejected is not None)
+            block = _refresh_under_lease(key, settings, call)
         except _Outcome as outcome:
             return outcome.token
         except Exception as exc:
@@ -409,18 +493,20 @@ def _slow_path(
 
 
 def _refresh_under_lease(
-    key: _Key,
-    settings: CarbonMapperSettings,
-    api_url: str,
-    min_valid: timedelta,
-    rejected: str | None,
+    key: _Key, settings: CarbonMapperSettings, call: _Call
 ) -> CarbonMapperStacToken:
+    api_url, min_valid, rejected = call.api_url, call.min_valid, call.rejected
     if _api_id(settings.base_url) != _api_id(api_url):
         settings = load_settings(base_url=api_url)
-    with refresh_lease(key[1], settings):
+    lease = (
+        _deployment_refresh.lease(key[1], settings, call.attempt)
+        if call.mode == "deployment"
+        else refresh_lease(key[1], settings)
+    )
+    with lease:
         # Another process may have refreshed while this one waited for the lease.
         _settle(key, _read_block(key[1]), api_url, min_valid, rejected)
-        block = _refresh(key[1], settings)
+        block = _refresh(key, settings, call)
     if block.expires_within(min_valid):
         current_logger().warning(
             "The new STAC token of block %r expires at %s, within min_valid (%s). Lower "
@@ -451,35 +537,59 @@ def _prepare(
     return key, settings, api_url, None
 
 
-def _get(block_name: str | None, min_valid: timedelta, base_url: str | None) -> str:
+def _get(
+    block_name: str | None,
+    min_valid: timedelta,
+    base_url: str | None,
+    refresh: str | None = None,
+) -> str:
+    mode = check_refresh(refresh)  # before any call
     key, settings, api_url, token = _prepare(block_name, min_valid, base_url)
     if token is not None:
         return token
-    token = _slow_path(key, settings, api_url, min_valid, None)
+    token = _slow_path(key, settings, api_url, min_valid, None, mode)
     assert token is not None  # only a renewal gives up
     return token
 
 
-async def _aget(block_name: str | None, min_valid: timedelta, base_url: str | None) -> str:
+async def _aget(
+    block_name: str | None,
+    min_valid: timedelta,
+    base_url: str | None,
+    refresh: str | None = None,
+) -> str:
+    mode = check_refresh(refresh)  # before any call
     key, settings, api_url, token = _prepare(block_name, min_valid, base_url)
     if token is not None:
         return token
-    token = await anyio.to_thread.run_sync(_slow_path, key, settings, api_url, min_valid, None)
+    token = await anyio.to_thread.run_sync(
+        _slow_path, key, settings, api_url, min_valid, None, mode
+    )
     assert token is not None  # only a renewal gives up
     return token
 
 
 def get_stac_token(
-    block_name: str | None = None, *, min_valid: timedelta = DEFAULT_MIN_VALID
+    block_name: str | None = None,
+    *,
+    min_valid: timedelta = DEFAULT_MIN_VALID,
+    refresh: RefreshMode | None = None,
 ) -> str:
     """The Carbon Mapper STAC token, valid for at least `min_valid`: cached, re-read, or new.
 
     Call it wherever a token is needed (a flow, a task, a mapped task, plain Python): the
-    block is read once per process while its token stays valid; when the token is missing or
-    expires within `min_valid`, a new one is made inline with the package's tasks (the
-    account credentials come from the Secret blocks named by `CM_EMAIL_BLOCK` and
-    `CM_PASSWORD_BLOCK`) and saved to the block. Concurrent callers share one refresh. The
-    token is for the API of `CM_BASE_URL`; the cache is per Prefect API.
+    block is read once per process while its token stays valid. When the token is missing or
+    expires within `min_valid`, the refresh mode decides what happens; concurrent callers, in
+    this process and in others, share one refresh. The token is for the API of
+    `CM_BASE_URL`; the cache is per Prefect API.
+
+    - `inline` (default): a new token is made here with the package's tasks (the account
+      credentials come from the Secret blocks named by `CM_EMAIL_BLOCK` and
+      `CM_PASSWORD_BLOCK`) and saved to the block.
+    - `deployment`: a run of `CM_REFRESH_DEPLOYMENT` (default `refresh-stac-token/weekly`)
+      is started with `token_block=block_name`, waited for (at most `CM_REFRESH_TIMEOUT`
+      seconds) and the block read again. This process never reads a credential.
+    - `off`: a `TokenBlockError` says how to refresh; nothing is called.
 
     While the Prefect API (or the platform API) is briefly unreachable, a cached token that
     has not expired is returned with a warning instead of an error.
@@ -490,16 +600,21 @@ def get_stac_token(
         min_valid: how long the token must stay valid from now; default 1 hour. Must be
             shorter than the shortest lifetime of a new token: `CM_TOKEN_LIFETIME_DAYS` less
             one day (tokens lapse at 00:00 UTC of their expiry date).
+        refresh: `inline`, `deployment` or `off`; default `CM_REFRESH_MODE` (`inline`).
 
     Returns:
         The token, for an `Authorization: Bearer` header. Never log or return it from a task.
 
     Raises:
-        ConfigurationError: block_name or min_valid is unusable, or the block holds a token
-            for another API than `CM_BASE_URL` (the message names both).
-        TokenBlockError: the block could not be read or the new token not saved.
-        CredentialsBlockError: a refresh was needed and a Secret block is missing or bad.
-        CarbonMapperAPIError: a refresh was needed and the platform API failed.
+        ConfigurationError: block_name, min_valid or refresh is unusable, the block holds a
+            token for another API than `CM_BASE_URL` (the message names both), or the
+            refresh deployment does not exist.
+        TokenBlockError: the block could not be read, the new token not saved, or (mode
+            `off`) the token is missing or stale.
+        RefreshRunError: (mode `deployment`) the refresh run failed, crashed or was cancelled;
+            `RefreshTimeoutError` when it did not finish within `CM_REFRESH_TIMEOUT`.
+        CredentialsBlockError: (mode `inline`) a Secret block is missing or bad.
+        CarbonMapperAPIError: (mode `inline`) the platform API failed.
 
     Example:
         ```python
@@ -509,7 +624,7 @@ def get_stac_token(
 
         @task
         def download(href: str) -> int:
-            headers = {"Authorization": f"Bearer {get_stac_token()}"}
+            headers = {"Authorization": f"Bearer {get_stac_token(refresh='deployment')}"}
             return len(httpx.get(href, headers=headers).content)
 
         @flow
@@ -517,16 +632,20 @@ def get_stac_token(
             download.map(hrefs).wait()
         ```
     """
-    return _get(block_name, min_valid, None)
+    return _get(block_name, min_valid, None, refresh)
 
 
 async def aget_stac_token(
-    block_name: str | None = None, *, min_valid: timedelta = DEFAULT_MIN_VALID
+    block_name: str | None = None,
+    *,
+    min_valid: timedelta = DEFAULT_MIN_VALID,
+    refresh: RefreshMode | None = None,
 ) -> str:
     """The async twin of `get_stac_token`: same cache, same lock, never blocks the event loop.
 
-    A cached token is returned without leaving the event loop; a block read or a refresh runs
-    in a worker thread. N asyncio tasks asking at once make at most one refresh.
+    A cached token is returned without leaving the event loop; a block read or a refresh
+    (or waiting for the refresh deployment's run) happens in a worker thread. N asyncio tasks
+    asking at once make at most one refresh.
 
     Example:
         ```python
@@ -540,17 +659,27 @@ async def aget_stac_token(
         asyncio.run(main())
         ```
     """
-    return await _aget(block_name, min_valid, None)
+    return await _aget(block_name, min_valid, None, refresh)
 
 
-def token_for_api(block_name: str | None, min_valid: timedelta, base_url: str | None) -> str:
+def token_for_api(
+    block_name: str | None,
+    min_valid: timedelta,
+    base_url: str | None,
+    refresh: RefreshMode | None = None,
+) -> str:
     """`get_stac_token` for the API of base_url (default `CM_BASE_URL`), e.g. an auth's."""
-    return _get(block_name, min_valid, base_url)
+    return _get(block_name, min_valid, base_url, refresh)
 
 
-async def atoken_for_api(block_name: str | None, min_valid: timedelta, base_url: str | None) -> str:
+async def atoken_for_api(
+    block_name: str | None,
+    min_valid: timedelta,
+    base_url: str | None,
+    refresh: RefreshMode | None = None,
+) -> str:
     """The async twin of `token_for_api`."""
-    return await _aget(block_name, min_valid, base_url)
+    return await _aget(block_name, min_valid, base_url, refresh)
 
 
 def _renewal(
@@ -565,16 +694,19 @@ def renew_rejected_token(
     rejected: str,
     min_valid: timedelta,
     base_url: str | None = None,
+    refresh: RefreshMode | None = None,
 ) -> str | None:
     """A token to send instead of `rejected` (which the API answered 401), or None.
 
     At most one renewal per token: when another request already replaced `rejected`, that
     token is returned without any I/O; when the block holds `rejected` and it was created
     less than `RENEWAL_GRACE` ago, None is returned (the 401 goes back to the caller).
-    Otherwise the block is re-read and, if it still holds `rejected`, refreshed.
+    Otherwise the block is re-read and, if it still holds `rejected`, refreshed the way the
+    refresh mode says.
     """
+    mode = check_refresh(refresh)
     key, settings, api_url = _renewal(block_name, base_url)
-    return _slow_path(key, settings, api_url, min_valid, rejected)
+    return _slow_path(key, settings, api_url, min_valid, rejected, mode)
 
 
 async def arenew_rejected_token(
@@ -582,10 +714,14 @@ async def arenew_rejected_token(
     rejected: str,
     min_valid: timedelta,
     base_url: str | None = None,
+    refresh: RefreshMode | None = None,
 ) -> str | None:
     """The async twin of `renew_rejected_token` (the work runs in a worker thread)."""
+    mode = check_refresh(refresh)
     key, settings, api_url = _renewal(block_name, base_url)
-    return await anyio.to_thread.run_sync(_slow_path, key, settings, api_url, min_valid, rejected)
+    return await anyio.to_thread.run_sync(
+        _slow_path, key, settings, api_url, min_valid, rejected, mode
+    )
 
 
 def _reset_after_fork() -> None:

@@ -25,11 +25,12 @@ from cm_tasks.access import (
     DEFAULT_MIN_VALID,
     arenew_rejected_token,
     atoken_for_api,
+    check_refresh,
     renew_rejected_token,
     token_for_api,
 )
 from cm_tasks.client import USER_AGENT
-from cm_tasks.settings import load_settings
+from cm_tasks.settings import RefreshMode, load_settings
 
 
 def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
@@ -52,6 +53,8 @@ class CarbonMapperAuth(httpx.Auth):
         min_valid: how long the token must stay valid when a request is sent (default 1 h).
         base_url: the API whose host gets the token; default `CM_BASE_URL`. The token
             block must hold a token for this API.
+        refresh: how a missing, expiring or rejected token is renewed: `inline`,
+            `deployment` or `off`; default `CM_REFRESH_MODE` (see `get_stac_token`).
 
     Example:
         ```python
@@ -71,7 +74,9 @@ class CarbonMapperAuth(httpx.Auth):
         *,
         min_valid: timedelta = DEFAULT_MIN_VALID,
         base_url: str | None = None,
+        refresh: RefreshMode | None = None,
     ) -> None:
+        self.refresh = check_refresh(refresh)  # a bad value fails here, before any request
         self.block_name = block_name
         self.min_valid = min_valid
         self._base_url = base_url or load_settings().base_url
@@ -100,10 +105,12 @@ class CarbonMapperAuth(httpx.Auth):
         if not self._ours(request):
             yield request
             return
-        token = token_for_api(self.block_name, self.min_valid, self._base_url)
+        token = token_for_api(self.block_name, self.min_valid, self._base_url, self.refresh)
         response = yield self._with_token(request, token)
         if self._rejected_by_api(response):
-            renewed = renew_rejected_token(self.block_name, token, self.min_valid, self._base_url)
+            renewed = renew_rejected_token(
+                self.block_name, token, self.min_valid, self._base_url, self.refresh
+            )
             if renewed is not None:
                 yield self._with_token(request, renewed)
 
@@ -114,18 +121,21 @@ class CarbonMapperAuth(httpx.Auth):
         if not self._ours(request):
             yield request
             return
-        token = await atoken_for_api(self.block_name, self.min_valid, self._base_url)
+        token = await atoken_for_api(self.block_name, self.min_valid, self._base_url, self.refresh)
         response = yield self._with_token(request, token)
         if self._rejected_by_api(response):
             renewed = await arenew_rejected_token(
-                self.block_name, token, self.min_valid, self._base_url
+                self.block_name, token, self.min_valid, self._base_url, self.refresh
             )
             if renewed is not None:
                 yield self._with_token(request, renewed)
 
 
 def _client_kwargs(
-    block_name: str | None, min_valid: timedelta, kwargs: dict[str, Any]
+    block_name: str | None,
+    min_valid: timedelta,
+    refresh: RefreshMode | None,
+    kwargs: dict[str, Any],
 ) -> dict[str, Any]:
     settings = load_settings()
     kwargs.setdefault("base_url", settings.base_url)
@@ -134,7 +144,7 @@ def _client_kwargs(
     headers = {"User-Agent": USER_AGENT, **dict(kwargs.pop("headers", None) or {})}
     kwargs["headers"] = headers
     kwargs["auth"] = CarbonMapperAuth(
-        block_name, min_valid=min_valid, base_url=str(kwargs["base_url"])
+        block_name, min_valid=min_valid, base_url=str(kwargs["base_url"]), refresh=refresh
     )
     return kwargs
 
@@ -143,28 +153,32 @@ def stac_http_client(
     block_name: str | None = None,
     *,
     min_valid: timedelta = DEFAULT_MIN_VALID,
+    refresh: RefreshMode | None = None,
     **kwargs: Any,
 ) -> httpx.Client:
     """An `httpx.Client` for the Carbon Mapper API that authenticates with the STAC token.
 
     Base URL, time-out and User-Agent come from the `CM_*` settings; redirects are followed
-    (the token is never sent to another host). Other keyword arguments go to `httpx.Client`.
+    (the token is never sent to another host). `refresh` chooses how the token is renewed
+    (`inline`, `deployment`, `off`; default `CM_REFRESH_MODE`). Other keyword arguments go
+    to `httpx.Client`.
 
     Example:
         ```python
         from cm_tasks.auth import stac_http_client
 
-        with stac_http_client() as http:
+        with stac_http_client(refresh="deployment") as http:
             csv_page = http.get("catalog/plume-csv", params={"limit": 100}).text
         ```
     """
-    return httpx.Client(**_client_kwargs(block_name, min_valid, kwargs))
+    return httpx.Client(**_client_kwargs(block_name, min_valid, refresh, kwargs))
 
 
 def async_stac_http_client(
     block_name: str | None = None,
     *,
     min_valid: timedelta = DEFAULT_MIN_VALID,
+    refresh: RefreshMode | None = None,
     **kwargs: Any,
 ) -> httpx.AsyncClient:
     """The `httpx.AsyncClient` twin of `stac_http_client`.
@@ -181,4 +195,4 @@ def async_stac_http_client(
         asyncio.run(main())
         ```
     """
-    return httpx.AsyncClient(**_client_kwargs(block_name, min_valid, kwargs))
+    return httpx.AsyncClient(**_client_kwargs(block_name, min_valid, refresh, kwargs))

@@ -7,6 +7,8 @@ password, a token or a request body.
     ├── ConfigurationError             a CM_* setting or a flow parameter is unusable
     ├── CredentialsBlockError          a Secret block with the account credentials is missing or bad
     ├── TokenBlockError                the token block is missing, unreadable or could not be saved
+    │   └── RefreshRunError            the refresh deployment's run failed, crashed or was cancelled
+    │       └── RefreshTimeoutError    the refresh run did not finish within CM_REFRESH_TIMEOUT
     └── CarbonMapperAPIError           the platform API answered with an error (or not at all)
         ├── UnauthorizedError          401: credentials or access token rejected
         │   └── BadCredentialsError    401 from token/pair: wrong e-mail or password
@@ -44,6 +46,34 @@ class TokenBlockError(CarbonMapperError):
     def __init__(self, message: str, *, transient: bool = False):
         super().__init__(message)
         self.transient = transient
+
+
+class RefreshRunError(TokenBlockError):
+    """A run of the refresh deployment (`CM_REFRESH_MODE=deployment`) did not renew the token.
+
+    Attributes:
+        flow_run_name: the run's name, as the Prefect UI shows it (None if none was made).
+        flow_run_id: the run's id, as a string (None if none was made).
+        state_type: the run's state when the error was raised, e.g. `FAILED`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        flow_run_name: str | None = None,
+        flow_run_id: str | None = None,
+        state_type: str | None = None,
+        transient: bool = False,
+    ):
+        super().__init__(message, transient=transient)
+        self.flow_run_name = flow_run_name
+        self.flow_run_id = flow_run_id
+        self.state_type = state_type
+
+
+class RefreshTimeoutError(RefreshRunError):
+    """The refresh run was not picked up, or did not finish, within `CM_REFRESH_TIMEOUT`."""
 
 
 class CarbonMapperAPIError(CarbonMapperError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import warnings
+from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
@@ -20,6 +21,12 @@ DEFAULT_EMAIL_BLOCK = "carbon-mapper-email"
 DEFAULT_PASSWORD_BLOCK = "carbon-mapper-password"
 DEFAULT_TOKEN_BLOCK = "carbon-mapper-stac-token"
 DEFAULT_TOKEN_LIFETIME_DAYS = 14
+
+RefreshMode = Literal["inline", "deployment", "off"]
+"""How downstream code gets a new token: `inline` (read the credentials and call the API
+itself), `deployment` (run the refresh deployment and wait for it), `off` (never)."""
+REFRESH_MODES: tuple[RefreshMode, ...] = get_args(RefreshMode)
+DEFAULT_REFRESH_DEPLOYMENT = "refresh-stac-token/weekly"
 
 
 class InsecureBaseURLWarning(UserWarning):
@@ -93,6 +100,23 @@ class CarbonMapperSettings(BaseSettings):
     retry_after_cap: float = Field(
         60.0, ge=0, le=3600, description="Longest wait in seconds honoured from a 429 Retry-After."
     )
+    refresh_mode: RefreshMode = Field(
+        "inline",
+        description=(
+            "How get_stac_token() renews a missing or expiring token: inline (reads the "
+            "credential blocks), deployment (runs CM_REFRESH_DEPLOYMENT and waits) or off."
+        ),
+    )
+    refresh_deployment: str = Field(
+        DEFAULT_REFRESH_DEPLOYMENT,
+        description="The refresh deployment run in deployment mode, as FLOW_NAME/DEPLOYMENT_NAME.",
+    )
+    refresh_timeout: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="Seconds to wait, in deployment mode, for the refresh run to finish.",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -118,6 +142,22 @@ class CarbonMapperSettings(BaseSettings):
     @classmethod
     def _block_name(cls, value: str) -> str:
         return validate_block_name(value)
+
+    @field_validator("refresh_mode", mode="before")
+    @classmethod
+    def _refresh_mode(cls, value: object) -> object:
+        return validate_refresh_mode(value) if isinstance(value, str) else value
+
+    @field_validator("refresh_deployment")
+    @classmethod
+    def _deployment_name(cls, value: str) -> str:
+        flow_name, _, deployment = value.strip().partition("/")
+        if not flow_name or not deployment or "/" in deployment:
+            raise ValueError(
+                "must name a deployment as FLOW_NAME/DEPLOYMENT_NAME, e.g. "
+                f"{DEFAULT_REFRESH_DEPLOYMENT}"
+            )
+        return value.strip()
 
 
 def api_identity(url: str) -> str:
@@ -146,6 +186,16 @@ def validate_block_name(value: str) -> str:
     if not all(c.islower() or c.isdigit() or c == "-" for c in name) or not name.isascii():
         raise ValueError("a block name may only contain lowercase letters, digits and dashes")
     return name
+
+
+def validate_refresh_mode(value: object) -> RefreshMode:
+    """Return value as a refresh mode, or raise ValueError listing the modes."""
+    mode = value.strip().lower() if isinstance(value, str) else value
+    if mode not in REFRESH_MODES:
+        raise ValueError(
+            "the refresh mode must be one of " + ", ".join(REFRESH_MODES) + " (default inline)"
+        )
+    return mode
 
 
 def load_settings(**overrides: object) -> CarbonMapperSettings:

@@ -15,8 +15,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from cm_tasks.access import DEFAULT_MIN_VALID, get_stac_token, renew_rejected_token
-from cm_tasks.settings import load_settings
+from cm_tasks.access import (
+    DEFAULT_MIN_VALID,
+    check_refresh,
+    get_stac_token,
+    renew_rejected_token,
+)
+from cm_tasks.settings import RefreshMode, load_settings
 
 try:
     import requests
@@ -54,7 +59,9 @@ class TokenAdapter(HTTPAdapter):
         *,
         min_valid: timedelta = DEFAULT_MIN_VALID,
         max_retries: int = _MAX_RETRIES,
+        refresh: RefreshMode | None = None,
     ) -> None:
+        self.refresh = check_refresh(refresh)  # before anything else: a bad value fails here
         super().__init__(max_retries=max_retries)
         self.block_name = block_name
         self.min_valid = min_valid
@@ -63,13 +70,13 @@ class TokenAdapter(HTTPAdapter):
         self, request: requests.PreparedRequest, **kwargs: Any
     ) -> requests.Response:
         """Send with `Authorization: Bearer`; on a 401, renew the token and send once more."""
-        token = get_stac_token(self.block_name, min_valid=self.min_valid)
+        token = get_stac_token(self.block_name, min_valid=self.min_valid, refresh=self.refresh)
         signed = request.copy()
         signed.headers["Authorization"] = f"Bearer {token}"
         response = super().send(signed, **kwargs)
         if response.status_code != 401:
             return response
-        renewed = renew_rejected_token(self.block_name, token, self.min_valid)
+        renewed = renew_rejected_token(self.block_name, token, self.min_valid, refresh=self.refresh)
         if renewed is None:  # a token made moments ago: the 401 is not the token's fault
             return response
         response.close()
@@ -84,6 +91,7 @@ def open_catalog(
     *,
     min_valid: timedelta = DEFAULT_MIN_VALID,
     url: str | None = None,
+    refresh: RefreshMode | None = None,
     **kwargs: Any,
 ) -> Client:
     """Open the Carbon Mapper STAC API (`<CM_BASE_URL>stac/`) as a pystac-client `Client`.
@@ -95,6 +103,8 @@ def open_catalog(
         block_name: the `CarbonMapperStacToken` block; default `CM_TOKEN_BLOCK`.
         min_valid: how long the token must stay valid when a request is sent (default 1 h).
         url: the STAC API root; default `CM_BASE_URL` + `stac/`.
+        refresh: how a missing, expiring or rejected token is renewed: `inline`,
+            `deployment` or `off`; default `CM_REFRESH_MODE` (see `get_stac_token`).
         **kwargs: passed on to `pystac_client.Client.open` (e.g. `timeout`, `modifier`).
 
     Returns:
@@ -112,7 +122,8 @@ def open_catalog(
             print(item.id, item.properties["cm:emission"])
         ```
     """
+    adapter = TokenAdapter(block_name, min_valid=min_valid, refresh=refresh)
     settings = load_settings()
     stac_io = StacApiIO(max_retries=_MAX_RETRIES, timeout=kwargs.pop("timeout", settings.timeout))
-    stac_io.session.mount(settings.base_url, TokenAdapter(block_name, min_valid=min_valid))
+    stac_io.session.mount(settings.base_url, adapter)
     return Client.open(url or f"{settings.base_url}stac/", stac_io=stac_io, **kwargs)
