@@ -17,7 +17,7 @@ from typing import Any
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL
 
 LEASE_PREFIX = "cm-tasks-refresh-"
@@ -54,8 +54,19 @@ def _ensure_limit(name: str) -> None:
         if key in _ensured:
             return
         with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            try:
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
+            except PrefectHTTPStatusError as exc:
+                if not _already_exists(exc):
+                    raise
         _ensured.add(key)
+
+
+def _already_exists(exc: PrefectHTTPStatusError) -> bool:
+    # Prefect 3.2's sync client raises the server's 409 as is (3.4 on: ObjectAlreadyExists).
+    return exc.response.status_code == 409
 
 
 @contextmanager
