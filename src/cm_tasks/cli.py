@@ -438,6 +438,9 @@ def serve(
         deployments.serve(watchdog=watchdog)
     except KeyboardInterrupt:
         pass
+    except SystemExit as exc:  # older Prefect (3.2, 3.4) exits 0 from its SIGTERM handler
+        if exc.code not in (0, None):
+            raise
     except (httpx.HTTPError, OSError) as exc:
         _fail(f"Could not serve: {_prefect_error(exc)}")
     finally:
