@@ -8,6 +8,9 @@ BENCH_HOME := $(if $(filter .venv,$(VENV)),$(CURDIR)/.prefect-bench,$(abspath $(
 
 # No telemetry from an offline machine; keeps logs clean too.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# Prefect's temporary server (no PREFECT_API_URL: make demo, subprocess tests) must start within
+# 20 s by default; a busy 2-core machine can take longer.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: install demo test e2e compat wheel-test dist bench screenshots lint format clean
 

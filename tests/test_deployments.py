@@ -233,6 +233,47 @@ def test_deploy_command_prints_what_it_made_and_the_next_run(
         _read(DAILY_CHECK.full_name)
 
 
+def test_deploy_carries_this_environments_block_names_into_the_run_form(
+    no_deployments: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CM_* block names and lifetime become parameters, so the form shows what runs use."""
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "team-a-stac-token")
+    monkeypatch.setenv("CM_TOKEN_LIFETIME_DAYS", "21")
+
+    with pytest.raises(SystemExit) as exited:
+        main(["deploy"])
+    out = capsys.readouterr().out
+
+    assert exited.value.code == 0, out
+    assert _read(WEEKLY_REFRESH.full_name).parameters == {
+        "token_block": "team-a-stac-token",
+        "lifetime_days": 21,
+    }
+    assert _read(DAILY_CHECK.full_name).parameters == {"token_block": "team-a-stac-token"}
+    assert '{"lifetime_days": 21, "token_block": "team-a-stac-token"}' in out
+
+
+def test_deploy_with_default_settings_sets_no_parameters(no_deployments: None) -> None:
+    deploy("cm-tasks-deploy-test")
+
+    assert _read(WEEKLY_REFRESH.full_name).parameters == {}
+    assert _read(DAILY_CHECK.full_name).parameters == {}
+
+
+@pytest.mark.parametrize("command", ["deploy", "serve"])
+def test_a_bad_setting_is_a_usage_error_before_any_api_call(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "Bad_Name")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens there
+
+    with pytest.raises(SystemExit) as exited:
+        main([command])
+
+    assert exited.value.code == EXIT_USAGE
+    assert "CM_TOKEN_BLOCK" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("value", "why"),
     [("{not json", "not valid JSON"), ('["image"]', "give a JSON object")],

@@ -387,8 +387,10 @@ def deploy(
     Safe to run again: it updates them in place. Their entrypoints are module paths of the
     installed package, with no pull step, so any worker on the pool that has cm-tasks
     installed runs them: no checkout needed. Start one with
-    `prefect worker start --pool carbon-mapper`.
+    `prefect worker start --pool carbon-mapper`. Block names and a token lifetime set by
+    CM_* settings here become the deployments' parameters, so the run form shows them.
     """
+    _settings(EXIT_USAGE)  # a bad CM_* setting is a usage error, before any Prefect call
     try:
         report = deployments.deploy(
             pool,
@@ -413,6 +415,13 @@ def deploy(
             f"({spec.collision_strategy}); next run {result.next_run:%Y-%m-%d %H:%M} UTC.",
             highlight=False,
         )
+        parameters = spec.parameters(spec.load_flow())
+        if parameters:
+            out.print(
+                f"  parameters from this environment's CM_* settings: {json.dumps(parameters)}",
+                highlight=False,
+                markup=False,
+            )
     out.print(
         f"Next: start a worker where cm-tasks is installed: "
         f"`prefect worker start --pool {report.pool.name}`.",
@@ -431,6 +440,7 @@ def serve(
     `prefect deployment run`, in this process. When it stops, Prefect pauses their schedules
     until `cm-tasks serve` or `cm-tasks deploy` runs again.
     """
+    _settings(EXIT_USAGE)  # a bad CM_* setting is a usage error, before any Prefect call
     _out().print(f"Serving from this process, with {_api_location()}.", highlight=False)
     # Until Prefect's runner installs its own handler: SIGTERM stops like Ctrl-C.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -105,8 +105,9 @@ class DeploymentSpec:
         from prefect.client.schemas.schedules import CronSchedule
         from prefect.types.entrypoint import EntrypointType
 
+        flow = self.load_flow()
         # Synchronous from synchronous code on every Prefect 3 (sync_compatible/async_dispatch).
-        deployment = self.load_flow().to_deployment(
+        deployment = flow.to_deployment(
             name=self.name,
             schedules=[CronSchedule(cron=self.cron, timezone=self.timezone)],
             concurrency_limit=ConcurrencyLimitConfig(
@@ -118,6 +119,7 @@ class DeploymentSpec:
             work_pool_name=work_pool_name,
             job_variables=dict(job_variables or {}),
             entrypoint_type=EntrypointType.MODULE_PATH,
+            parameters=self.parameters(flow),
         )
         if inspect.isawaitable(deployment):
             raise RuntimeError(_SYNC_ONLY)
@@ -129,6 +131,21 @@ class DeploymentSpec:
                 f"not {self.entrypoint!r}: update cm_tasks.deployments."
             )
         return deployment
+
+    @staticmethod
+    def parameters(flow: Flow[..., Any]) -> dict[str, Any]:
+        """The deployment parameters that carry this environment's `CM_*` block names and lifetime.
+
+        Empty where the settings are the package defaults. Otherwise the run form shows the
+        values this environment uses, and a run started by `serve` (or by a worker with the
+        same settings) writes and reads the same blocks as `get_stac_token()` here - see
+        `cm_tasks.run_parameters` for the rule.
+        """
+        from cm_tasks.run_parameters import PAIRS, deployment_parameters
+        from cm_tasks.settings import load_settings
+
+        names = [name for name in flow.parameters.properties if name in PAIRS]
+        return deployment_parameters(names, load_settings())
 
     def next_run(self, after: datetime | None = None) -> datetime:
         """When the schedule fires next after `after` (default now), as the server computes it."""
