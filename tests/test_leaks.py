@@ -446,6 +446,8 @@ def runner(cm_env: CarbonMapperEmulator, tmp_path: Path) -> Iterator[_Runner]:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
         PREFECT_LOGGING_LEVEL="DEBUG",
+        # Its temporary server migrates a fresh database: slow on old Prefect under load.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
         CM_BASE_URL=cm_env.base_url,
         CM_RETRY_BACKOFF="0",
         CM_TIMEOUT="5",
