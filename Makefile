@@ -3,11 +3,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# A Prefect database is for one Prefect version: each compat venv benchmarks in its own home.
+BENCH_HOME := $(if $(filter .venv,$(VENV)),$(CURDIR)/.prefect-bench,$(abspath $(VENV))/prefect-bench)
 
 # No telemetry from an offline machine; keeps logs clean too.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# Prefect's temporary server (no PREFECT_API_URL: make demo, subprocess tests) must start within
+# 20 s by default; a busy 2-core machine can take longer.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test e2e bench lint format clean
+.PHONY: install demo test e2e compat wheel-test dist bench screenshots lint format clean
 
 install: $(STAMP)
 
@@ -27,21 +32,43 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests flows bench
 	$(VENV)/bin/mypy
 
-## test: lint, type-check, then the test suite (all but the scale-out run)
+## test: lint, type-check, then the test suite (all but the scale-out run and the wheel test)
 test: lint
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m "not scale_out"
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m "not scale_out and not wheel"
+
+## screenshots: the browser test, writing the README's pictures of the run form and artifact
+screenshots: install
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test CM_TEST_SCREENSHOTS_DIR=$(CURDIR)/docs/img \
+		$(PY) -m pytest -q tests/test_run_form.py
 
 ## e2e: the scale-out run: PostgreSQL 15 + prefect server + two workers (needs postgresql-15)
 e2e: install
 	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m scale_out
 
+## compat: the suite on every supported Prefect (client and server), one venv each under .compat/
+##   (built once per constraints/prefect-X.Y.txt); one version: make compat PREFECT=3.2
+compat:
+	.ci/compat $(PREFECT)
+
+## wheel-test: build the wheel, install it into a fresh venv, deploy/serve it from empty directories
+wheel-test: install
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m wheel
+
+## dist: sdist and wheel into dist/, checked with twine
+dist: install
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+
 ## bench: side-by-side figures against the goals (a few minutes; see bench/RESULTS.md)
-bench: install
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-bench $(PY) bench/run.py
+##   on another Prefect: make bench VENV=.compat/prefect-3.2 (after make compat PREFECT=3.2)
+bench: $(if $(filter .venv,$(VENV)),install)
+	env -u PREFECT_API_URL PREFECT_HOME=$(BENCH_HOME) $(PY) bench/run.py
 
 format: install
 	$(VENV)/bin/ruff check --fix src tests flows bench
 	$(VENV)/bin/ruff format src tests flows bench
 
 clean:
-	rm -rf .prefect .prefect-test .prefect-bench .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .prefect .prefect-test .prefect-bench .mypy_cache .ruff_cache .pytest_cache build dist
+	# .compat/ holds the per-Prefect venvs (slow to build): remove it by hand

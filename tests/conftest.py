@@ -29,7 +29,9 @@ TOKEN_BLOCK = "carbon-mapper-stac-token"
 @pytest.fixture(autouse=True, scope="session")
 def prefect_api() -> Iterator[None]:
     """A real Prefect API (temporary SQLite database) for the whole test session."""
-    with prefect_test_harness(server_startup_timeout=60):
+    # Usually 10-20 s, but a fresh database runs every migration (slower on old Prefect) and a
+    # shared 2-core machine can take minutes: a time-out here errors every test at once.
+    with prefect_test_harness(server_startup_timeout=240):
         yield
 
 

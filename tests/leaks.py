@@ -199,8 +199,38 @@ def scan_text(text: str | bytes, secrets: Secrets, where: str) -> list[Hit]:
     return list(found.values())
 
 
-def scan_exception(error: BaseException, secrets: Secrets, where: str = "exception") -> list[Hit]:
-    """Hits in an exception: str, repr, args, attributes, its full traceback and chain."""
+def _http_parts(obj: Any) -> list[str]:
+    """The URL, headers and body of an httpx Request or Response (whatever has been read)."""
+    import httpx
+
+    if not isinstance(obj, httpx.Request | httpx.Response):
+        return []
+    parts = [repr(obj)]
+    with contextlib.suppress(Exception):
+        parts.append(str(obj.url))
+    # raw: httpx masks Authorization in a Headers repr, not in the values sent
+    parts.extend(f"{k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in obj.headers.raw)
+    with contextlib.suppress(httpx.RequestNotRead, httpx.ResponseNotRead):
+        parts.append(obj.content.decode("utf-8", errors="replace"))
+    if isinstance(obj, httpx.Request):
+        with contextlib.suppress(httpx.RequestNotRead):
+            parts.append(obj.read().decode("utf-8", errors="replace"))
+    return parts
+
+
+def _linked(error: BaseException) -> Iterator[BaseException]:
+    """error and every exception reachable through __cause__ and __context__, depth first."""
+    stack, seen = [error], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+
+
+def _exception_parts(error: BaseException) -> list[str]:
     parts = [
         str(error),
         repr(error),
@@ -208,10 +238,31 @@ def scan_exception(error: BaseException, secrets: Secrets, where: str = "excepti
         "".join(traceback.format_exception(error)),
         *(repr(value) for value in vars(error).values()),
     ]
-    # Also the suppressed context: Prefect or a debugger can still show it.
-    for linked in (error.__cause__, error.__context__):
-        if linked is not None:
-            parts.append("".join(traceback.format_exception(linked)))
+    # The request and response an error carries are not in its text, but any handler can
+    # read them: httpx errors have them as properties (raising when unset), others as attrs.
+    for name in ("request", "response", "_request", "_response"):
+        try:
+            value = getattr(error, name, None)
+        except Exception:  # httpx: "The .request property has not been set."
+            continue
+        parts.extend(_http_parts(value))
+        parts.extend(_http_parts(getattr(value, "request", None)))
+    for value in vars(error).values():
+        parts.extend(_http_parts(value))
+    return parts
+
+
+def scan_exception(error: BaseException, secrets: Secrets, where: str = "exception") -> list[Hit]:
+    """Hits in an exception and everything linked to it.
+
+    Walks `__cause__` and `__context__` recursively (a `raise ... from None` only hides the
+    context from a printed traceback; the object still holds it), and looks at each one's
+    str, repr, args, attributes and traceback, and at the URL, headers and body of any
+    request or response it carries (an httpx error's `request` holds what was sent).
+    """
+    parts: list[str] = []
+    for linked in _linked(error):
+        parts.extend(_exception_parts(linked))
     return scan_text("\n".join(parts), secrets, where)
 
 

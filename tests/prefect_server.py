@@ -45,6 +45,7 @@ HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 180.0
+UNAVAILABLE_ATTEMPTS = 5
 
 # Settings of the developer's machine or of the test process that must not reach the server or
 # the commands run against it: each server gets exactly the environment this module builds.
@@ -87,6 +88,7 @@ class PrefectServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     commands: list[subprocess.CompletedProcess[str]] = field(default_factory=list)
+    executable: str = field(default_factory=prefect_executable)
 
     def client_env(self, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for a client process (CLI, worker) of this server."""
@@ -109,7 +111,7 @@ class PrefectServer:
             AssertionError: check is true and the command failed; shows its output.
         """
         result = subprocess.run(
-            [prefect_executable(), *args],
+            [self.executable, *args],
             cwd=cwd or self.home,
             env=self.client_env(extra_env),
             capture_output=True,
@@ -126,12 +128,31 @@ class PrefectServer:
         return result
 
     def http(self) -> httpx.Client:
-        """An HTTP client for the REST API (`/api` is the base path)."""
-        return httpx.Client(base_url=self.api_url.rstrip("/") + "/", timeout=30)
+        """An HTTP client for the REST API (`/api` is the base path); retries a 503."""
+        return httpx.Client(
+            base_url=self.api_url.rstrip("/") + "/", timeout=30, transport=_RetryUnavailable()
+        )
 
     def log(self) -> str:
         """What the server printed so far."""
         return self.log_path.read_text(errors="replace")
+
+
+class _RetryUnavailable(httpx.HTTPTransport):
+    """Send a request again after a 503, as Prefect's own client does.
+
+    The server answers 503 to errors a client may retry, such as a busy SQLite database on a
+    loaded machine.
+    """
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(1, UNAVAILABLE_ATTEMPTS + 1):
+            response = super().handle_request(request)
+            if response.status_code != 503 or attempt == UNAVAILABLE_ATTEMPTS:
+                return response
+            response.close()
+            time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
 
 
 def _wait_until_healthy(server: PrefectServer, timeout: float) -> None:
@@ -173,6 +194,7 @@ def running_prefect_server(
     extra_env: Mapping[str, str] | None = None,
     startup_timeout: float = STARTUP_TIMEOUT,
     services: bool = True,
+    executable: str | None = None,
 ) -> Iterator[PrefectServer]:
     """Start `prefect server start` on a free 127.0.0.1 port; stop it on exit.
 
@@ -183,6 +205,8 @@ def running_prefect_server(
         startup_timeout: seconds to wait for `/api/health`.
         services: run the background services (event persister, triggers, ...); without
             them only the API and UI run.
+        executable: the `prefect` console script to run, for the server and `prefect()`
+            commands; default: the one of this interpreter's environment.
 
     Raises:
         RuntimeError: the server exited or did not become healthy in time; shows its output.
@@ -190,9 +214,12 @@ def running_prefect_server(
     home = directory / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = base_environment(home, extra_env)
+    # The UI asks the API at this URL; left unset, it would default to port 4200.
+    env = base_environment(home, {"PREFECT_UI_API_URL": f"http://{HOST}:{port}/api"})
+    env.update(extra_env or {})
     log_path = home / "server.log"
-    args = [prefect_executable(), "server", "start", "--host", HOST, "--port", str(port)]
+    executable = executable or prefect_executable()
+    args = [executable, "server", "start", "--host", HOST, "--port", str(port)]
     if not services:
         args.append("--no-services")
     with log_path.open("wb") as log:
@@ -211,6 +238,7 @@ def running_prefect_server(
         env=env,
         process=process,
         log_path=log_path,
+        executable=executable,
     )
     try:
         _wait_until_healthy(server, startup_timeout)

@@ -302,7 +302,7 @@ def test_refresh_rejects_bad_parameters_before_any_call(
 ) -> None:
     result = runner.invoke(app, ["refresh", "--lifetime-days", "0"])
 
-    assert result.exit_code == 1
+    assert result.exit_code == EXIT_USAGE  # a usage error, not a failed refresh
     assert "lifetime_days is 0" in result.output
     assert credentials.requests() == 0
 

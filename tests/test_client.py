@@ -601,9 +601,10 @@ def test_transport_error_is_unavailable_without_chaining(
     assert error.status_code is None
     assert error.endpoint == endpoint
     assert endpoint in str(error)
-    # the httpx error holds the request, and the request holds the password or token
+    # the httpx error holds the request, and the request holds the password or token: it is
+    # not even kept as the (suppressed) __context__
     assert error.__cause__ is None
-    assert error.__suppress_context__ is True
+    assert error.__context__ is None
     assert script.calls == 1
 
 
@@ -682,11 +683,78 @@ def test_429_without_retry_after_uses_backoff(
 
 
 def test_connect_error_is_retried(make_client: Callable[..., Any], recorder: Recorder) -> None:
-    script = Script(httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), stac_ok())
+    script = Script(httpx.ConnectError("refused"), httpx.ConnectTimeout("slow"), stac_ok())
     issued = create_stac(make_client(script, retry=RetryPolicy(backoff=2, jitter=0)))
     assert issued.token.get_secret_value() == STAC_OPAQUE
     assert script.calls == 3
     assert recorder.sleeps == [2.0, 4.0]
+
+
+# create-stac makes a new token per call: after these the API may have made one already
+MAYBE_PROCESSED: dict[str, Callable[[], Step]] = {
+    "read-timeout": lambda: httpx.ReadTimeout("timed out"),
+    "write-timeout": lambda: httpx.WriteTimeout("timed out"),
+    "reset-after-sending": lambda: httpx.RemoteProtocolError("peer closed connection"),
+    "read-error": lambda: httpx.ReadError("connection reset"),
+    "500": lambda: httpx.Response(500),
+    "502": lambda: httpx.Response(502),
+    "504": lambda: httpx.Response(504),
+}
+# ...and after these it certainly did not
+UNPROCESSED: dict[str, Callable[[], Step]] = {
+    "connect": lambda: httpx.ConnectError("[Errno 111] Connection refused"),
+    "connect-timeout": lambda: httpx.ConnectTimeout("timed out"),
+    "pool-timeout": lambda: httpx.PoolTimeout("no free connection"),
+    "429": lambda: httpx.Response(429, headers={"Retry-After": "1"}),
+    "503": lambda: httpx.Response(503),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(MAYBE_PROCESSED))
+def test_create_stac_is_not_retried_when_the_api_may_have_acted(
+    make_client: Callable[..., Any], recorder: Recorder, fault: str
+) -> None:
+    script = Script(MAYBE_PROCESSED[fault](), stac_ok())
+    with pytest.raises(APIUnavailableError) as info:
+        create_stac(make_client(script, retry=RetryPolicy(max_attempts=4, jitter=0)))
+    assert script.calls == 1  # a second call could make a second live token
+    assert recorder.sleeps == []
+    message = str(info.value)
+    assert CREATE_STAC_PATH in message
+    assert "may have created the token" in message
+    assert "Run the refresh again" in message
+    assert info.value.__context__ is None
+
+
+@pytest.mark.parametrize("fault", sorted(UNPROCESSED))
+def test_create_stac_is_retried_when_the_api_cannot_have_acted(
+    make_client: Callable[..., Any], fault: str
+) -> None:
+    script = Script(UNPROCESSED[fault](), stac_ok())
+    issued = create_stac(make_client(script, retry=RetryPolicy(max_attempts=4, jitter=0)))
+    assert issued.token.get_secret_value() == STAC_OPAQUE
+    assert script.calls == 2
+
+
+@pytest.mark.parametrize("fault", sorted({**MAYBE_PROCESSED, **UNPROCESSED}))
+def test_token_pair_is_retried_after_every_transient_fault(
+    make_client: Callable[..., Any], fault: str
+) -> None:
+    # token/pair only hands out a short-lived access token: asking twice does no harm
+    step = {**MAYBE_PROCESSED, **UNPROCESSED}[fault]()
+    script = Script(step, pair_ok())
+    pair = get_pair(make_client(script, retry=RetryPolicy(max_attempts=4, jitter=0)))
+    assert pair.access.get_secret_value() == ACCESS
+    assert script.calls == 2
+
+
+def test_create_stac_fails_clearly_when_a_retried_call_then_times_out(
+    make_client: Callable[..., Any],
+) -> None:
+    script = Script(httpx.Response(503), httpx.ReadTimeout("slow"), stac_ok())
+    with pytest.raises(APIUnavailableError, match="may have created the token"):
+        create_stac(make_client(script, retry=RetryPolicy(max_attempts=4, jitter=0)))
+    assert script.calls == 2
 
 
 @pytest.mark.parametrize("endpoint", [TOKEN_PAIR_PATH, CREATE_STAC_PATH])

@@ -11,6 +11,7 @@ One server for the whole module: it is the expensive part (about 10 s to start).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import prefect
 import pytest
 import yaml
 from prefect.blocks.system import Secret
@@ -29,7 +31,7 @@ from cm_tasks.notify import EXPIRING_EVENT, REFRESHED_EVENT
 from cm_tasks.testing import CarbonMapperEmulator
 
 from .conftest import EMAIL_BLOCK, PASSWORD_BLOCK, TOKEN_BLOCK
-from .prefect_server import PrefectServer, running_prefect_server
+from .prefect_server import PrefectServer, prefect_executable, running_prefect_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POOL = "carbon-mapper"
@@ -180,16 +182,28 @@ def test_prefect_yaml_declares_what_the_readme_promises() -> None:
     by_name = {d["name"]: d for d in config["deployments"]}
 
     weekly = by_name["weekly"]
-    assert weekly["entrypoint"] == "flows/refresh_stac_token.py:refresh_stac_token"
+    assert weekly["entrypoint"] == "cm_tasks.flows.refresh_stac_token"
     assert weekly["work_pool"]["name"] == POOL
     assert weekly["schedules"] == [{"cron": "0 6 * * 1", "timezone": "UTC", "active": True}]
     assert weekly["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     assert weekly["description"]
     assert weekly["tags"]
-    assert by_name["daily"]["entrypoint"] == "flows/check_stac_token.py:check_stac_token"
+    assert by_name["daily"]["entrypoint"] == "cm_tasks.watchdog.check_stac_token"
+    # The package's deployments need no checkout: no build step, no path in the pull step.
+    assert config["build"] is None
     assert config["pull"] == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ checkout.stdout }}"}}
+        {"prefect.deployments.steps.set_working_directory": {"directory": "."}}
     ]
+
+
+def test_the_server_runs_the_same_prefect_as_this_process(server: PrefectServer) -> None:
+    # `make compat` runs this suite in one venv per Prefect version: the server (and so every
+    # worker and CLI call, same executable) must be that version too, never another install's.
+    with server.http() as http:
+        response = http.get("admin/version")
+    response.raise_for_status()
+    assert response.json() == prefect.__version__
+    assert Path(prefect_executable()).parent == Path(sys.executable).parent
 
 
 def test_deploy_creates_the_deployments_as_configured(deployments: dict[str, Any]) -> None:
@@ -198,17 +212,28 @@ def test_deploy_creates_the_deployments_as_configured(deployments: dict[str, Any
     assert weekly["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     assert [s["schedule"]["cron"] for s in weekly["schedules"]] == ["0 6 * * 1"]
     assert weekly["schedules"][0]["schedule"]["timezone"] == "UTC"
-    # The pull step was resolved at deploy time to this checkout.
+    # Module-path entrypoint and no path of this checkout: the worker imports the package.
+    assert weekly["entrypoint"] == "cm_tasks.flows.refresh_stac_token"
     assert weekly["pull_steps"] == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_ROOT)}}
+        {"prefect.deployments.steps.set_working_directory": {"directory": "."}}
     ]
     for deployment in deployments.values():
         schema = deployment["parameter_openapi_schema"]
         # Quick run opens no dialog: nothing required, and every field described in the form.
         assert not schema.get("required")
         assert all(p.get("description") for p in schema["properties"].values())
-    lifetime = weekly["parameter_openapi_schema"]["properties"]["lifetime_days"]["anyOf"][0]
+    properties = weekly["parameter_openapi_schema"]["properties"]
+    lifetime = properties["lifetime_days"]
     assert (lifetime["minimum"], lifetime["maximum"]) == (1, 365)
+    # Concrete defaults, no `X | None` switch: the run form shows what a run uses.
+    assert {name: p["default"] for name, p in properties.items()} == {
+        "token_name": "",
+        "lifetime_days": 14,
+        "email_block": EMAIL_BLOCK,
+        "password_block": PASSWORD_BLOCK,
+        "token_block": TOKEN_BLOCK,
+    }
+    assert not any("anyOf" in p for p in properties.values())
 
 
 def test_the_server_enforces_the_parameter_limits(

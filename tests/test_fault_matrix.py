@@ -1,10 +1,11 @@
 """The fault matrix: every fault on both token endpoints, over real HTTP to the emulator.
 
 Transient faults end in success within the retry budget (or, once it is spent, in a clear
-error); permanent ones fail after exactly one call with a message naming cause and fix. In
-every case the stored token block stays exactly as it was until a new token is saved whole -
-checked at every retry, while the refresh is still running. The README's "Errors and
-retries" table is this matrix.
+error) - except on create-stac, which makes a new token per call and so is retried only where
+the API cannot have acted (429, 503, no connection); permanent ones fail after exactly one
+call with a message naming cause and fix. In every case the stored token block stays exactly
+as it was until a new token is saved whole - checked at every retry, while the refresh is
+still running. The README's "Errors and retries" table is this matrix.
 """
 
 from __future__ import annotations
@@ -73,6 +74,16 @@ TRANSIENT: dict[str, tuple[Callable[[int], Fault | None], type[CarbonMapperAPIEr
     REFUSE: (lambda n: None, APIUnavailableError),  # played by the transport, see _Transport
     "read-timeout": (lambda n: Fault.delay(2.0, times=n), APIUnavailableError),
 }
+
+# After these the API may have acted on the request: create-stac (a new token per call) is
+# not asked again, token/pair is. Only 429, 503 and a refused connection are retried on both.
+MAYBE_PROCESSED = {"500", "502-html", "504", "connection-reset", "read-timeout"}
+RETRIED = [
+    (endpoint, fault)
+    for endpoint in ENDPOINTS
+    for fault in sorted(TRANSIENT)
+    if endpoint == TOKEN_PAIR_PATH or fault not in MAYBE_PROCESSED
+]
 
 # fault -> (fault, error on token/pair, error on create-stac, words the message must hold)
 PERMANENT: dict[str, tuple[Fault, type[Exception], type[Exception], list[str]]] = {
@@ -197,8 +208,7 @@ def _settings(**overrides: Any) -> CarbonMapperSettings:
     return load_settings(**{"timeout": 0.5, "retry_backoff": 0, **overrides})
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
-@pytest.mark.parametrize("fault", sorted(TRANSIENT))
+@pytest.mark.parametrize(("endpoint", "fault"), RETRIED)
 def test_transient_fault_is_retried_to_success(
     credentials: CarbonMapperEmulator,
     old_block: CarbonMapperStacToken,
@@ -228,8 +238,7 @@ def test_transient_fault_is_retried_to_success(
     assert_no_leak(collect_secrets(credentials), texts={"log": caplog.text, "out": out + err})
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
-@pytest.mark.parametrize("fault", sorted(TRANSIENT))
+@pytest.mark.parametrize(("endpoint", "fault"), RETRIED)
 def test_transient_fault_beyond_the_budget_fails_clearly(
     credentials: CarbonMapperEmulator,
     old_block: CarbonMapperStacToken,
@@ -253,6 +262,38 @@ def test_transient_fault_beyond_the_budget_fails_clearly(
     assert raised.value.__cause__ is None
     assert credentials.issued_stac_tokens == []
     assert_no_leak(collect_secrets(credentials), exceptions=[raised.value])
+
+
+@pytest.mark.parametrize("fault", sorted(MAYBE_PROCESSED))
+def test_create_stac_is_not_asked_twice_when_the_api_may_have_acted(
+    credentials: CarbonMapperEmulator,
+    old_block: CarbonMapperStacToken,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+) -> None:
+    make, error_type = TRANSIENT[fault]
+    played = make(1)
+    assert played is not None
+    credentials.fail(CREATE_STAC_PATH, played)
+    transport = _Transport()
+    run = _Run(old_block, transport)
+
+    with pytest.raises(error_type) as raised:
+        run(_settings(max_attempts=4), name="once")
+
+    # one call only: a retry could have made a second live token
+    assert transport.calls[CREATE_STAC_PATH] == 1
+    assert transport.calls[TOKEN_PAIR_PATH] == 1
+    assert run.waits == []
+    assert _same(CarbonMapperStacToken.load(TOKEN_BLOCK), old_block)
+    message = str(raised.value)
+    assert CREATE_STAC_PATH in message
+    assert "may have created the token" in message
+    assert "Run the refresh again" in message
+    assert raised.value.__context__ is None
+    assert_no_leak(
+        collect_secrets(credentials), texts={"log": caplog.text}, exceptions=[raised.value]
+    )
 
 
 def test_retry_after_is_capped(
@@ -304,11 +345,12 @@ def test_permanent_fault_fails_after_one_call(
     ("endpoint", "fault", "env", "expected"),
     [
         (TOKEN_PAIR_PATH, Fault.delay(2.0), {"CM_TIMEOUT": "0.5"}, "COMPLETED"),
-        (CREATE_STAC_PATH, Fault.html(502), {}, "COMPLETED"),
+        (CREATE_STAC_PATH, Fault.status(503), {}, "COMPLETED"),
+        (CREATE_STAC_PATH, Fault.delay(2.0), {"CM_TIMEOUT": "0.5"}, "FAILED"),
         (TOKEN_PAIR_PATH, Fault.status(403), {}, "FAILED"),
         (CREATE_STAC_PATH, Fault.status(422), {}, "FAILED"),
     ],
-    ids=["pair-timeout", "stac-502-html", "pair-403", "stac-422"],
+    ids=["pair-timeout", "stac-503", "stac-timeout", "pair-403", "stac-422"],
 )
 def test_faults_through_the_flow(
     credentials: CarbonMapperEmulator,

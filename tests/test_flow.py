@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
@@ -130,14 +131,36 @@ def test_settings_choose_the_block_names_and_lifetime(
     )
 
 
+def test_an_empty_token_name_means_the_dated_default(credentials: CarbonMapperEmulator) -> None:
+    summary = refresh_stac_token(token_name="")  # what the run form sends for an empty field
+
+    assert re.fullmatch(r"prefect-\d{8}T\d{4}Z", summary["token_name"])
+
+
+def test_a_parameter_other_than_the_default_beats_the_setting(
+    credentials: CarbonMapperEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "setting-token")
+
+    with caplog.at_level(logging.WARNING):
+        summary = refresh_stac_token(token_block="parameter-token")
+
+    assert summary["token_block"] == "parameter-token"
+    assert CarbonMapperStacToken.load("parameter-token").get() == credentials.issued_stac_tokens[-1]
+    # Not silent: get_stac_token() in this process reads the other block.
+    assert "CM_TOKEN_BLOCK='setting-token' of this process" in caplog.text
+    assert "reads block 'setting-token'" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [
         ({"lifetime_days": 0}, "lifetime_days is 0"),
         ({"lifetime_days": -3}, "lifetime_days is -3"),
         ({"lifetime_days": 366}, "from 1 to 365"),
-        ({"token_name": ""}, "token_name is empty"),
-        ({"token_name": "   "}, "token_name is empty"),
+        ({"token_name": "   "}, "token_name is blank"),
         ({"token_name": "x" * 101}, "at most 100"),
         ({"token_block": "My Token"}, "token_block"),
         ({"email_block": ""}, "email_block"),

@@ -17,12 +17,14 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import traceback
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any
 from uuid import uuid4
 
+import httpx
 import pytest
 from prefect import flow, get_run_logger
 from prefect.blocks.system import Secret
@@ -35,6 +37,7 @@ from cm_tasks import (
     CarbonMapperError,
     CarbonMapperStacToken,
     IssuedStacToken,
+    RetryPolicy,
     TokenPair,
     load_settings,
     refresh_stac_token,
@@ -106,6 +109,78 @@ def test_scanner_looks_into_exception_chains() -> None:
         hits = scan_exception(error, secrets)
     # from None hides it from a printed traceback, but the object still holds it
     assert [h.secret for h in hits] == ["password"]
+
+
+def _planted(secret: str, where: str) -> BaseException:
+    """A clean error whose secret sits two links down, in an attached request or response."""
+    url = "http://127.0.0.1:9/api/v1/token/pair"
+    if where == "request body":
+        request = httpx.Request("POST", url, json={"password": secret})
+    elif where == "request header":
+        request = httpx.Request("POST", url, headers={"Authorization": f"Bearer {secret}"})
+    elif where == "request url":
+        request = httpx.Request("GET", f"{url}?token={secret}")
+    else:
+        request = httpx.Request("GET", url)
+    try:
+        try:
+            try:
+                if where == "response body":
+                    response = httpx.Response(500, request=request, json={"echo": secret})
+                    raise httpx.HTTPStatusError("500", request=request, response=response)
+                raise httpx.ReadTimeout("timed out", request=request)
+            except httpx.HTTPError:
+                raise KeyError("middle") from None
+        except KeyError as middle:
+            raise RuntimeError("clean message") from middle
+    except RuntimeError as error:
+        return error
+
+
+@pytest.mark.parametrize(
+    "where", ["request body", "request header", "request url", "response body"]
+)
+def test_scanner_walks_chains_into_attached_requests_and_responses(where: str) -> None:
+    # positive control: a secret no message, repr or traceback shows is still found
+    secret = f"planted-{uuid4().hex}"
+    error = _planted(secret, where)
+    assert secret not in "".join(traceback.format_exception(error))  # only the walk sees it
+
+    assert [h.secret for h in scan_exception(error, Secrets({"planted": secret}))] == ["planted"]
+
+
+def _emulator_client(emulator: CarbonMapperEmulator, **kwargs: Any) -> CarbonMapperClient:
+    return CarbonMapperClient(emulator.base_url, timeout=0.5, sleep=lambda _: None, **kwargs)
+
+
+@pytest.mark.parametrize("fault", ["drop", "timeout", "malformed"])
+def test_token_call_errors_hold_no_request_with_a_secret(
+    carbon_mapper_emulator: CarbonMapperEmulator, fault: str
+) -> None:
+    # Over real HTTP: a lost connection, a time-out and an unreadable answer on both calls.
+    emulator = carbon_mapper_emulator
+    # an answer cut short after the token: the JSON error quotes the whole body
+    echoed = f"cut-token-{uuid4().hex}"
+    cut = json.dumps({"access": echoed, "token_value": echoed, "refresh": "x"})[:-12]
+    make = {
+        "drop": lambda: Fault.drop(times=2),
+        "timeout": lambda: Fault.delay(2.0, times=2),
+        "malformed": lambda: Fault.status(200, cut, content_type="application/json"),
+    }[fault]
+    errors: list[BaseException] = []
+    with _emulator_client(emulator, retry=RetryPolicy(max_attempts=2)) as client:
+        emulator.fail("token/pair", make())
+        with pytest.raises(CarbonMapperError) as pair_error:
+            client.get_token_pair(SecretStr(emulator.email), SecretStr(emulator.password))
+        errors.append(pair_error.value)
+        access = client.get_token_pair(SecretStr(emulator.email), SecretStr(emulator.password))
+        emulator.fail("account/tokens/create-stac", make())
+        with pytest.raises(CarbonMapperError) as stac_error:
+            client.create_stac_token(access.access, "leak", date.today() + timedelta(days=3))
+        errors.append(stac_error.value)
+
+    assert_no_leak(collect_secrets(emulator, extra={"cut token": echoed}), exceptions=errors)
+    assert all(e.__context__ is None and e.__cause__ is None for e in errors)
 
 
 # --- reprs, dumps and validation errors --------------------------------------------------

@@ -24,6 +24,7 @@ otherwise make 30 new tokens). It is a Prefect global concurrency limit of 1 per
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -35,6 +36,7 @@ from typing import Any
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL
 
@@ -61,6 +63,16 @@ _logger = logging.getLogger("cm_tasks")
 _ensured: set[tuple[str | None, str]] = set()
 _no_leases: set[str | None] = set()
 _ensured_lock = threading.Lock()
+
+
+def prefect_has_leases() -> bool:
+    """Whether the installed Prefect has concurrency leases (3.4 and later; not 3.2).
+
+    Without them a slot is held until released: one refresh at a time still holds, but a
+    holder killed mid-refresh keeps the slot until an operator frees it
+    (`prefect gcl update cm-tasks-refresh-<block> --active-slots 0`).
+    """
+    return "lease_duration" in inspect.signature(concurrency).parameters
 
 
 def lease_name(block_name: str) -> str:
@@ -137,7 +149,7 @@ def _increment(
 ) -> tuple[list[Any], Any]:
     """Try to take the slot once: (limits, lease id or None). 423 when someone holds it."""
     with_lease = getattr(client, "increment_concurrency_slots_with_lease", None)
-    if with_lease is not None and api not in _no_leases:
+    if with_lease is not None and prefect_has_leases() and api not in _no_leases:
         try:
             body = with_lease(names=[name], slots=1, mode="concurrency", lease_duration=duration)
         except PrefectHTTPStatusError as exc:

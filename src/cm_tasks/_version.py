@@ -4,4 +4,4 @@ A constant rather than `importlib.metadata.version()`, which scans the installed
 distributions and would add tens of milliseconds to `import cm_tasks`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -5,6 +5,8 @@
     cm-tasks status     token name, expiry, days left; exit 0 OK, 1 EXPIRING, 2 EXPIRED,
                         3 MISSING, 4 could not check
     cm-tasks emulator   serve the Carbon Mapper API emulator on 127.0.0.1
+    cm-tasks deploy     create or update the weekly refresh and daily check on a work pool
+    cm-tasks serve      run the same two deployments from this process (no pool, no worker)
 
 The password is only ever read from a hidden prompt: there is no option for it, so it never
 lands in shell history or a process list. Every command talks to the Prefect API that
@@ -14,6 +16,7 @@ lands in shell history or a process list. Every command talks to the Prefect API
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from datetime import datetime
 from typing import Annotated, Any, NoReturn, cast
@@ -23,8 +26,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cm_tasks import deployments
 from cm_tasks._version import __version__
-from cm_tasks.errors import CarbonMapperError
+from cm_tasks.errors import CarbonMapperError, ConfigurationError
 from cm_tasks.notify import days_left
 from cm_tasks.settings import CarbonMapperSettings, load_settings, validate_block_name
 from cm_tasks.watchdog import DEFAULT_THRESHOLD_DAYS, TokenState, TokenStatus, check_token
@@ -180,7 +184,9 @@ def refresh(
     token_name: Annotated[
         str | None,
         typer.Option(
-            help="Name of the new token. Default: prefect-<UTC date and time>.",
+            # No angle brackets: the markdown help mode drops them as HTML tags.
+            help="Name of the new token. Default: the UTC date and time, e.g. "
+            "prefect-20261127T0600Z.",
             show_default=False,
         ),
     ] = None,
@@ -213,17 +219,35 @@ def refresh(
     """Run the refresh-stac-token flow now, in this process, and print what it saved.
 
     Prints the block, token name, expiry and scopes - never the token. Exits 1 with the
-    flow's error message when the refresh fails; the stored token is then unchanged.
+    flow's error message when the refresh fails; the stored token is then unchanged. A bad
+    option or CM_* setting exits 64 before any flow run or API call.
     """
-    from cm_tasks.flows import refresh_stac_token
+    from cm_tasks.refresh import resolve_request
 
+    # The flow's own checks, run first: a bad value is a usage error with the flow's words,
+    # not a failed flow run.
+    settings = _settings(EXIT_USAGE)
     try:
-        summary: dict[str, Any] = refresh_stac_token(
+        request = resolve_request(
+            settings,
             token_name=token_name,
             lifetime_days=lifetime_days,
             email_block=email_block,
             password_block=password_block,
             token_block=token_block,
+        )
+    except ConfigurationError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+    from cm_tasks.flows import refresh_stac_token
+
+    try:
+        summary: dict[str, Any] = refresh_stac_token(
+            token_name=request.token_name,
+            lifetime_days=request.lifetime_days,
+            email_block=request.email_block,
+            password_block=request.password_block,
+            token_block=request.token_block,
         )
     except CarbonMapperError as exc:
         _fail(f"The refresh failed: {exc}")
@@ -259,8 +283,9 @@ def status(
 ) -> None:
     """Show the saved token's name, expiry and days left; the exit code says how it stands.
 
-    Exit codes: 0 OK, 1 EXPIRING (within --threshold-days), 2 EXPIRED, 3 MISSING (no such
-    block), 4 could not check (Prefect API unreachable, bad setting, unreadable block).
+    Exit codes: 0 OK, 1 EXPIRING (within --threshold-days), 2 EXPIRED, 3 MISSING (a healthy
+    Prefect API has no such block), 4 could not check (Prefect API unreachable or not a
+    Prefect API, e.g. PREFECT_API_URL without /api; bad setting; unreadable block).
     Reads the block only: no call to the Carbon Mapper API.
     """
     block_name = token_block or _settings(EXIT_CHECK_ERROR).token_block
@@ -310,6 +335,131 @@ def emulator(
     from cm_tasks.testing.__main__ import serve
 
     serve(port, latency)
+
+
+def _pool_option(value: str) -> str:
+    try:
+        return deployments.validate_pool_name(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{exc}, e.g. {deployments.DEFAULT_POOL}.") from None
+
+
+_WATCHDOG_HELP = "Include the daily expiry check check-stac-token/daily (--no-watchdog: skip it)."
+
+
+def _job_variables_option(value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter('give a JSON object, e.g. \'{"image": "you/cm-tasks:0.2.0"}\'.')
+    return parsed
+
+
+@app.command()
+def deploy(
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="Work pool whose workers run the deployments; created (type process) if missing.",
+            callback=_pool_option,
+        ),
+    ] = deployments.DEFAULT_POOL,
+    watchdog: Annotated[bool, typer.Option(help=_WATCHDOG_HELP)] = True,
+    job_variables: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "JSON object of job variables for both deployments, e.g. "
+                '\'{"image": "you/cm-tasks:0.2.0"}\' (docker, kubernetes) or '
+                '\'{"pip_packages": ["cm-tasks"]}\' (Prefect managed). Stored in plain text.'
+            ),
+            callback=_job_variables_option,
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Create or update the deployments refresh-stac-token/weekly and check-stac-token/daily.
+
+    Safe to run again: it updates them in place. Their entrypoints are module paths of the
+    installed package, with no pull step, so any worker on the pool that has cm-tasks
+    installed runs them: no checkout needed. Start one with
+    `prefect worker start --pool carbon-mapper`. Block names and a token lifetime set by
+    CM_* settings here become the deployments' parameters, so the run form shows them.
+    """
+    _settings(EXIT_USAGE)  # a bad CM_* setting is a usage error, before any Prefect call
+    try:
+        report = deployments.deploy(
+            pool,
+            watchdog=watchdog,
+            job_variables=cast("dict[str, Any] | None", job_variables),
+        )
+    except (httpx.HTTPError, OSError) as exc:
+        _fail(f"Could not deploy: {_prefect_error(exc)}")
+    out = _out()
+    pool_state = "created" if report.pool.created else "exists"
+    out.print(
+        f"Work pool {report.pool.name!r} ({report.pool.type}): {pool_state}, in {_api_location()}.",
+        highlight=False,
+    )
+    if job_variables:
+        out.print(f"Job variables: {json.dumps(job_variables)}", highlight=False, markup=False)
+    for result in report.deployments:
+        spec = result.spec
+        out.print(
+            f"{result.action.capitalize()} {result.full_name}: cron {spec.cron!r} "
+            f"({spec.timezone}), at most {spec.concurrency_limit} run at a time "
+            f"({spec.collision_strategy}); next run {result.next_run:%Y-%m-%d %H:%M} UTC.",
+            highlight=False,
+        )
+        parameters = spec.parameters(spec.load_flow())
+        if parameters:
+            out.print(
+                f"  parameters from this environment's CM_* settings: {json.dumps(parameters)}",
+                highlight=False,
+                markup=False,
+            )
+    out.print(
+        f"Next: start a worker where cm-tasks is installed: "
+        f"`prefect worker start --pool {report.pool.name}`.",
+        highlight=False,
+    )
+
+
+@app.command()
+def serve(
+    watchdog: Annotated[bool, typer.Option(help=_WATCHDOG_HELP)] = True,
+) -> None:
+    """Run the same deployments from this process until Ctrl-C or SIGTERM: no pool, no worker.
+
+    Registers refresh-stac-token/weekly and check-stac-token/daily (the schedules of `deploy`)
+    and runs their scheduled runs, and runs started from the UI or with
+    `prefect deployment run`, in this process. When it stops, Prefect pauses their schedules
+    until `cm-tasks serve` or `cm-tasks deploy` runs again.
+    """
+    _settings(EXIT_USAGE)  # a bad CM_* setting is a usage error, before any Prefect call
+    _out().print(f"Serving from this process, with {_api_location()}.", highlight=False)
+    # Until Prefect's runner installs its own handler: SIGTERM stops like Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        deployments.serve(watchdog=watchdog)
+    except KeyboardInterrupt:
+        pass
+    except SystemExit as exc:  # older Prefect (3.2, 3.4) exits 0 from its SIGTERM handler
+        if exc.code not in (0, None):
+            raise
+    except (httpx.HTTPError, OSError) as exc:
+        _fail(f"Could not serve: {_prefect_error(exc)}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _out().print(
+        "Stopped. The served deployments' schedules are paused until `cm-tasks serve` or "
+        "`cm-tasks deploy` runs again.",
+        highlight=False,
+    )
 
 
 def _settings(code: int = EXIT_FAILED) -> CarbonMapperSettings:

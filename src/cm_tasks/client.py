@@ -32,7 +32,7 @@ from cm_tasks.errors import (
     UnauthorizedError,
     UnexpectedResponseError,
 )
-from cm_tasks.retry import RetryPolicy
+from cm_tasks.retry import RetryPolicy, unprocessed
 from cm_tasks.settings import DEFAULT_BASE_URL, CarbonMapperSettings
 
 TOKEN_PAIR_PATH = "token/pair"
@@ -41,6 +41,7 @@ USER_AGENT = f"cm-tasks/{__version__}"
 _MAX_API_MESSAGE = 300
 _TRANSIENT_STATUSES = frozenset({408, 500, 502, 503, 504})
 _INVALID_REQUEST_STATUSES = frozenset({400, 404, 405, 409, 413, 415, 422})
+_UNREADABLE = object()
 
 T = TypeVar("T")
 
@@ -192,6 +193,10 @@ def _json_object(response: httpx.Response, endpoint: str, key: str) -> dict[str,
     try:
         body = response.json()
     except (ValueError, UnicodeDecodeError):
+        # Raised below, outside this block: the decoding error (kept as __context__ even
+        # with `from None`) holds the whole body, which may hold a token.
+        body = _UNREADABLE
+    if body is _UNREADABLE:
         if "html" in content_type:
             kind = "HTML instead of JSON"
         elif "json" in content_type:
@@ -203,7 +208,7 @@ def _json_object(response: httpx.Response, endpoint: str, key: str) -> dict[str,
             "Is CM_BASE_URL right (it should end in /api/v1/)?",
             status_code=response.status_code,
             endpoint=endpoint,
-        ) from None
+        )
     if not isinstance(body, dict) or not isinstance(body.get(key), str) or not body[key]:
         raise UnexpectedResponseError(
             f"The Carbon Mapper API's answer has no {key!r} ({where}). "
@@ -386,6 +391,10 @@ class CarbonMapperClient:
             name: the token's name on the platform.
             expiration_date: the day the token lapses (the API takes a date, not a time).
 
+        Not idempotent: retried only when the API cannot have acted on the request (no
+        connection, 429, 503), never after a time-out, a lost connection or 500/502/504,
+        where a retry could create a second live token.
+
         Raises:
             CarbonMapperAPIError: the API refused or failed, after retrying transient faults.
         """
@@ -396,6 +405,8 @@ class CarbonMapperClient:
             secrets=(access,),
             required_key="token_value",
             headers={"Authorization": f"Bearer {access}"},
+            # Each call makes a new token: retried only where the API cannot have acted.
+            idempotent=False,
         )
         return parse_issued_stac_token(body, name, expiration_date)
 
@@ -407,6 +418,7 @@ class CarbonMapperClient:
         secrets: tuple[str, ...],
         required_key: str,
         headers: dict[str, str] | None = None,
+        idempotent: bool = True,
     ) -> dict[str, Any]:
         attempt = 1
         while True:
@@ -415,44 +427,75 @@ class CarbonMapperClient:
                 if response.status_code >= 400:
                     raise error_for_response(response, endpoint, secrets)
                 return _json_object(response, endpoint, required_key)
-            except CarbonMapperAPIError as error:
-                wait = self.retry.next_wait(error, attempt)
-                if wait is None:
-                    raise
-                self._logger.warning(
-                    "%s Retrying in %.1f s (attempt %d of %d).",
-                    str(error),
-                    wait,
-                    attempt + 1,
-                    self.retry.max_attempts,
-                )
-                self._sleep(wait)
-                attempt += 1
+            except CarbonMapperAPIError as caught:
+                error = caught
+            # Decided and raised outside the except block, so that no error carries another
+            # in its __context__.
+            wait = self.retry.next_wait(error, attempt, idempotent=idempotent)
+            if wait is None:
+                if not idempotent:
+                    error = _maybe_processed(error)
+                raise error
+            self._logger.warning(
+                "%s Retrying in %.1f s (attempt %d of %d).",
+                str(error),
+                wait,
+                attempt + 1,
+                self.retry.max_attempts,
+            )
+            self._sleep(wait)
+            attempt += 1
 
     def _send(
         self, endpoint: str, payload: dict[str, str], headers: dict[str, str] | None
     ) -> httpx.Response:
+        error: CarbonMapperAPIError
+        # Every error is raised after the except blocks: httpx's exception holds the request
+        # (the password in its body, the access token in its headers), and `raise ... from
+        # None` inside the block would still keep it as __context__.
         try:
             return self._http.post(
                 endpoint,
                 content=json.dumps(payload),
                 headers={"Content-Type": "application/json", **(headers or {})},
             )
-        except httpx.TimeoutException as exc:
-            raise APIUnavailableError(
-                f"The Carbon Mapper API did not answer in time ({type(exc).__name__} on "
-                f"{endpoint}; CM_TIMEOUT={self._http.timeout.read}s).",
-                endpoint=endpoint,
-            ) from None
-        except httpx.TransportError as exc:
-            raise APIUnavailableError(
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            error = APIUnavailableError(
                 f"Could not reach the Carbon Mapper API at {self.base_url} "
                 f"({type(exc).__name__} on {endpoint}).",
                 endpoint=endpoint,
-            ) from None
+                request_sent=False,
+            )
+        except httpx.TimeoutException as exc:
+            error = APIUnavailableError(
+                f"The Carbon Mapper API did not answer in time ({type(exc).__name__} on "
+                f"{endpoint}; CM_TIMEOUT={self._http.timeout.read}s).",
+                endpoint=endpoint,
+            )
+        except httpx.TransportError as exc:
+            error = APIUnavailableError(
+                f"The connection to the Carbon Mapper API at {self.base_url} was lost "
+                f"({type(exc).__name__} on {endpoint}).",
+                endpoint=endpoint,
+            )
         except httpx.RequestError as exc:  # e.g. DecodingError: a body that is not what it says
-            raise UnexpectedResponseError(
+            error = UnexpectedResponseError(
                 f"The Carbon Mapper API's answer could not be read ({type(exc).__name__} on "
                 f"{endpoint}).",
                 endpoint=endpoint,
-            ) from None
+            )
+        raise error
+
+
+def _maybe_processed(error: CarbonMapperAPIError) -> CarbonMapperAPIError:
+    """The error of a non-idempotent call that was not retried because it may have worked."""
+    if not isinstance(error, APIUnavailableError) or unprocessed(error):
+        return error
+    return APIUnavailableError(
+        f"{error} The API may have created the token before the answer was lost; cm-tasks "
+        "does not ask again, as that could create a second live token. Run the refresh "
+        "again (a token that was created but never saved lapses on its expiry date).",
+        status_code=error.status_code,
+        endpoint=error.endpoint,
+        request_sent=error.request_sent,
+    )

@@ -135,9 +135,25 @@ class RateLimitedError(CarbonMapperAPIError):
 
 
 class APIUnavailableError(CarbonMapperAPIError):
-    """The API answered 500/502/503/504, timed out, or the connection failed."""
+    """The API answered 500/502/503/504, timed out, or the connection failed.
+
+    Attributes:
+        request_sent: False when the request never reached the API (the connection could
+            not be made), so the API certainly did not act on it.
+    """
 
     transient = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        endpoint: str = "",
+        request_sent: bool = True,
+    ):
+        super().__init__(message, status_code=status_code, endpoint=endpoint)
+        self.request_sent = request_sent
 
 
 class UnexpectedResponseError(CarbonMapperAPIError):

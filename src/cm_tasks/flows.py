@@ -1,7 +1,5 @@
 """The deployable flow: get a new scoped STAC token and save it to a block."""
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -15,14 +13,21 @@ from cm_tasks.refresh import (
     resolve_request,
     run_refresh,
 )
-from cm_tasks.settings import load_settings
+from cm_tasks.run_parameters import choose_values
+from cm_tasks.settings import (
+    DEFAULT_EMAIL_BLOCK,
+    DEFAULT_PASSWORD_BLOCK,
+    DEFAULT_TOKEN_BLOCK,
+    DEFAULT_TOKEN_LIFETIME_DAYS,
+    load_settings,
+)
 
 # Limits for the UI's run form and for the server, which checks a deployment's parameters
 # against this schema. `json_schema_extra` rather than `ge=`/`max_length=`: those would make
 # Prefect reject a bad value before resolve_request can say what is wrong in plain words.
-TokenName = Annotated[
-    str, Field(json_schema_extra={"minLength": 1, "maxLength": MAX_TOKEN_NAME_LENGTH})
-]
+# The defaults are concrete values, never None: the run form then shows what a run uses (an
+# `X | None` parameter is a type switch there, with 'Property is type "None"').
+TokenName = Annotated[str, Field(json_schema_extra={"maxLength": MAX_TOKEN_NAME_LENGTH})]
 LifetimeDays = Annotated[
     int, Field(json_schema_extra={"minimum": MIN_LIFETIME_DAYS, "maximum": MAX_LIFETIME_DAYS})
 ]
@@ -31,11 +36,11 @@ BlockName = Annotated[str, Field(json_schema_extra={"pattern": "^[a-z0-9-]+$"})]
 
 @flow(name="refresh-stac-token", persist_result=False)
 def refresh_stac_token(
-    token_name: TokenName | None = None,
-    lifetime_days: LifetimeDays | None = None,
-    email_block: BlockName | None = None,
-    password_block: BlockName | None = None,
-    token_block: BlockName | None = None,
+    token_name: TokenName = "",
+    lifetime_days: LifetimeDays = DEFAULT_TOKEN_LIFETIME_DAYS,
+    email_block: BlockName = DEFAULT_EMAIL_BLOCK,
+    password_block: BlockName = DEFAULT_PASSWORD_BLOCK,
+    token_block: BlockName = DEFAULT_TOKEN_BLOCK,
 ) -> dict[str, Any]:
     """Get a new Carbon Mapper STAC token and save it to a block for ingest flows.
 
@@ -44,17 +49,23 @@ def refresh_stac_token(
     written only once the new token is in hand: on any failure the stored token is unchanged.
     No parameter is required and none is secret.
 
+    Parameters and `CM_*` settings: a parameter that differs from its default is used. One
+    left at its default takes the matching `CM_*` setting when the flow is called from Python;
+    in a deployment run, a worker setting that differs from a default parameter stops the run
+    before any call - set the deployment's parameter to it (see `cm_tasks.run_parameters`).
+
     Args:
-        token_name: Name of the new token on the platform. Default: the UTC date and time,
-            e.g. prefect-20261127T0600Z.
-        lifetime_days: Days the new token stays valid, 1 to 365. Default: CM_TOKEN_LIFETIME_DAYS
-            (14), which gives a weekly refresh a week of overlap.
-        email_block: Secret block holding the account e-mail. Default: CM_EMAIL_BLOCK
-            (carbon-mapper-email).
-        password_block: Secret block holding the account password. Default:
-            CM_PASSWORD_BLOCK (carbon-mapper-password).
-        token_block: Block the new token is saved to. Default: CM_TOKEN_BLOCK
-            (carbon-mapper-stac-token).
+        token_name: Name of the new token on the platform, up to 100 characters. Leave it
+            empty for the dated default prefect-YYYYMMDDTHHMMZ (UTC), e.g.
+            prefect-20261127T0600Z.
+        lifetime_days: Days the new token stays valid, 1 to 365. 14 gives a weekly refresh a
+            week of overlap. Setting: CM_TOKEN_LIFETIME_DAYS.
+        email_block: Secret block holding the account e-mail (`cm-tasks login` saves it).
+            Setting: CM_EMAIL_BLOCK.
+        password_block: Secret block holding the account password. Setting:
+            CM_PASSWORD_BLOCK.
+        token_block: Block the new token is saved to; get_stac_token() in ingest code reads
+            the block CM_TOKEN_BLOCK names. Setting: CM_TOKEN_BLOCK.
 
     Returns:
         A summary: token block, token name, expiry (ISO 8601, UTC) and scopes. Never the token.
@@ -70,13 +81,22 @@ def refresh_stac_token(
         ```
     """
     settings = load_settings()
+    chosen = choose_values(
+        settings,
+        {
+            "lifetime_days": lifetime_days,
+            "email_block": email_block,
+            "password_block": password_block,
+            "token_block": token_block,
+        },
+    )
     request = resolve_request(
         settings,
-        token_name=token_name,
-        lifetime_days=lifetime_days,
-        email_block=email_block,
-        password_block=password_block,
-        token_block=token_block,
+        token_name=token_name,  # empty: the dated default
+        lifetime_days=chosen["lifetime_days"],
+        email_block=chosen["email_block"],
+        password_block=chosen["password_block"],
+        token_block=chosen["token_block"],
     )
     token = run_refresh(request, settings)
     summary = RefreshSummary.of(token, request.token_block)

@@ -34,7 +34,7 @@ from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifa
 
 from cm_tasks.access import DEFAULT_MIN_VALID
 from cm_tasks.auth import async_stac_http_client
-from cm_tasks.errors import ConfigurationError
+from cm_tasks.errors import ConfigurationError, UnexpectedResponseError
 from cm_tasks.settings import load_settings
 
 DEFAULT_OUTPUT_DIR = "./data/carbon-mapper"
@@ -42,6 +42,9 @@ DEFAULT_CONCURRENCY = 8
 MAX_CONCURRENCY = 64
 SEARCH_PAGE_SIZE = 100
 CSV_PAGE_SIZE = 1000
+MAX_PAGES = 1000
+"""Most pages a search or the plume CSV may take (100,000 items, 1,000,000 CSV rows at the
+default page sizes): a catalogue whose `next` links never end fails instead of running on."""
 CHUNK_SIZE = 64 * 1024
 PROGRESS_STEP = 5.0
 """The progress artifact is updated every this many percent (and at 100 %)..."""
@@ -124,22 +127,95 @@ def search_body(
     return body
 
 
-def _next_request(page: dict[str, Any]) -> tuple[str, str, dict[str, Any] | None] | None:
+def _next_request(
+    page: dict[str, Any], previous_body: dict[str, Any] | None
+) -> tuple[str, str, dict[str, Any] | None] | None:
     for link in page.get("links", []):
         if isinstance(link, dict) and link.get("rel") == "next" and link.get("href"):
             method = str(link.get("method", "GET")).upper()
             body = link.get("body") if method == "POST" else None
-            return str(link["href"]), method, body if isinstance(body, dict) else None
+            body = body if isinstance(body, dict) else None
+            if method == "POST" and link.get("merge") is True:
+                # STAC API: the link's body (often just the paging token) is merged into the
+                # previous request's, so the collections, query and other filters carry over.
+                body = {**(previous_body or {}), **(body or {})}
+            return str(link["href"]), method, body
     return None
 
 
+def _bare_status_error(message: str, response: httpx.Response) -> httpx.HTTPStatusError:
+    """An HTTPStatusError for response, carrying no authenticated request.
+
+    The request that failed holds the STAC token in its headers, and whoever catches the
+    error can read `exc.request`: the error gets a copy with the method and URL only, and a
+    response with the status, content type and body.
+    """
+    request = httpx.Request(response.request.method, response.request.url)
+    content_type = response.headers.get("content-type")
+    copy = httpx.Response(
+        response.status_code,
+        headers={"content-type": content_type} if content_type else None,
+        content=response.content,
+        request=request,
+    )
+    return httpx.HTTPStatusError(message, request=request, response=copy)
+
+
+class _PageGuard:
+    """Stops paging that repeats a request or runs past `max_pages`, with a clear error."""
+
+    def __init__(self, http: httpx.AsyncClient, endpoint: str, max_pages: int) -> None:
+        if max_pages < 1:
+            raise ConfigurationError(f"max_pages is {max_pages}; it must be at least 1.")
+        self._http = http
+        self._endpoint = endpoint
+        self._max_pages = max_pages
+        self._seen: set[tuple[str, str, str]] = set()
+
+    def check(self, method: str, url: str, body: dict[str, Any] | None = None) -> None:
+        """Raise UnexpectedResponseError if this request was made already or is one too many."""
+        # Compared decoded, in any order: a link may encode the same query differently.
+        target = self._http.base_url.join(url)
+        query = sorted(target.params.multi_items())
+        key = (
+            method,
+            f"{target.copy_with(query=None)} {query}",
+            json.dumps(body, sort_keys=True, default=str),
+        )
+        if key in self._seen:
+            raise UnexpectedResponseError(
+                f"The API's paging repeats itself: page {len(self._seen) + 1} of "
+                f"{self._endpoint} links back to a page already read. Stopped rather than "
+                "loop; narrow the search or report it to the Carbon Mapper platform.",
+                endpoint=self._endpoint,
+            )
+        if len(self._seen) >= self._max_pages:
+            raise UnexpectedResponseError(
+                f"{self._endpoint} still had more pages after {self._max_pages}: stopped there. "
+                "Narrow the search (collections, datetime, bbox, query), set max_items, or "
+                "raise max_pages.",
+                endpoint=self._endpoint,
+            )
+        self._seen.add(key)
+
+
 async def iter_search(
-    http: httpx.AsyncClient, body: dict[str, Any], max_items: int | None = None
+    http: httpx.AsyncClient,
+    body: dict[str, Any],
+    max_items: int | None = None,
+    max_pages: int = MAX_PAGES,
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield the items of a STAC search, following `next` links until max_items.
 
+    A `next` link with `merge: true` is merged into the previous request body, as the STAC API
+    specifies. Paging stops with an error when a link repeats a request already made, or after
+    max_pages pages.
+
     Raises:
-        httpx.HTTPStatusError: the API rejected the search (the message has its reason).
+        httpx.HTTPStatusError: the API rejected the search (the message has its reason; the
+            attached request has the method and URL only, never the token).
+        UnexpectedResponseError: the `next` links repeat a request, or go past max_pages.
+        ConfigurationError: max_pages is below 1.
 
     Example:
         ```python
@@ -157,17 +233,18 @@ async def iter_search(
     """
     if max_items is not None:
         body = {**body, "limit": min(int(body.get("limit", SEARCH_PAGE_SIZE)), max_items)}
+    guard = _PageGuard(http, "stac/search", max_pages)
     request: tuple[str, str, dict[str, Any] | None] | None = ("stac/search", "POST", body)
     seen = 0
     while request is not None:
         url, method, json_body = request
+        guard.check(method, url, json_body)
         response = await http.request(method, url, json=json_body)
         if response.is_error:
-            raise httpx.HTTPStatusError(
+            raise _bare_status_error(
                 f"The STAC search failed ({response.status_code} from {url}): "
                 f"{response.text[:300]}",
-                request=response.request,
-                response=response,
+                response,
             )
         page = response.json()
         for feature in page.get("features", []):
@@ -175,31 +252,44 @@ async def iter_search(
             seen += 1
             if max_items is not None and seen >= max_items:
                 return
-        request = _next_request(page)
+        request = _next_request(page, json_body)
 
 
 def plan_downloads(
     items: Iterable[dict[str, Any]], output_dir: Path, asset_keys: Sequence[str] | None = None
 ) -> list[AssetFile]:
-    """Where each asset of the items goes: `<output_dir>/<collection>/<item id>/<file name>`."""
+    """Where each asset of the items goes: `<output_dir>/<collection>/<item id>/<file name>`.
+
+    Assets of one item whose links end in the same file name go to
+    `<item id>/<asset key>/<file name>` instead, so that no asset overwrites another.
+    """
     files = []
     for item in items:
         item_id = _safe_name(str(item.get("id", "")), "item id")
         collection = _safe_name(str(item.get("collection") or "items"), "collection")
         emission = item.get("properties", {}).get("cm:emission")
-        for key, asset in sorted(item.get("assets", {}).items()):
-            if asset_keys is not None and key not in asset_keys:
-                continue
-            href = str(asset["href"])
-            name = PurePosixPath(urlsplit(href).path).name or key
+        chosen = [
+            (key, asset)
+            for key, asset in sorted(item.get("assets", {}).items())
+            if asset_keys is None or key in asset_keys
+        ]
+        names = {
+            key: _safe_name(PurePosixPath(urlsplit(str(a["href"])).path).name or key, "file name")
+            for key, a in chosen
+        }
+        shared = {n for n in names.values() if list(names.values()).count(n) > 1}
+        for key, asset in chosen:
+            folder = output_dir / collection / item_id
+            if names[key] in shared:
+                folder = folder / _safe_name(key, "asset key")
             size = asset.get("file:size")
             files.append(
                 AssetFile(
                     item_id=item_id,
                     collection=collection,
                     asset_key=key,
-                    href=href,
-                    path=output_dir / collection / item_id / _safe_name(name, "file name"),
+                    href=str(asset["href"]),
+                    path=folder / names[key],
                     size=size if isinstance(size, int) else None,
                     emission=float(emission) if isinstance(emission, int | float) else None,
                 )
@@ -227,7 +317,7 @@ async def download_one(http: httpx.AsyncClient, asset: AssetFile) -> DownloadRes
     asset.path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{asset.path.name}.", dir=asset.path.parent)
     try:
-        written = 0
+        written = received = 0
         with os.fdopen(fd, "wb") as out:
             async with http.stream("GET", asset.href) as response:
                 if response.is_error:
@@ -240,8 +330,10 @@ async def download_one(http: httpx.AsyncClient, asset: AssetFile) -> DownloadRes
                     # to a worker thread that an async file API would cost (measured).
                     out.write(chunk)
                     written += len(chunk)
-        if expected is not None and written != int(expected):
-            return DownloadResult(asset, "failed", 0, f"got {written} of {expected} bytes")
+                # Content-Length counts the bytes sent, before any Content-Encoding is undone
+                received = response.num_bytes_downloaded
+        if expected is not None and received != int(expected):
+            return DownloadResult(asset, "failed", 0, f"got {received} of {expected} bytes")
         os.replace(tmp_name, asset.path)
         tmp_name = ""
         return DownloadResult(asset, "downloaded", written)
@@ -313,11 +405,21 @@ async def fetch_plume_csv_to(
     bbox: Sequence[float] | None = None,
     intersects: dict[str, Any] | None = None,
     page_size: int = CSV_PAGE_SIZE,
+    max_pages: int = MAX_PAGES,
 ) -> int:
     """Fetch every page of `catalog/plume-csv` (following `Link: rel="next"`) into one file.
 
+    Each page's header line is dropped after the first page, and a page that does not end
+    in a newline gets one, so no row is glued to the next page's first row. Paging stops
+    with an error when a `next` link repeats a page already read, or after max_pages pages.
+
     Returns:
         The number of data rows written.
+
+    Raises:
+        httpx.HTTPStatusError: the API refused a page (the attached request has the method
+            and URL only, never the token).
+        UnexpectedResponseError: the `next` links repeat a page, or go past max_pages.
     """
     params: dict[str, str] = {"limit": str(page_size)}
     if datetime:
@@ -326,6 +428,7 @@ async def fetch_plume_csv_to(
         params["bbox"] = ",".join(str(v) for v in bbox)
     if intersects is not None:
         params["intersects"] = json.dumps(intersects, separators=(",", ":"))
+    guard = _PageGuard(http, "catalog/plume-csv", max_pages)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     rows = 0
@@ -335,11 +438,19 @@ async def fetch_plume_csv_to(
             request_params: dict[str, str] | None = params
             first = True
             while url is not None:
+                target = httpx.URL(url)  # URL(url, params=None) would drop url's own query
+                guard.check("GET", str(target.copy_merge_params(request_params or {})))
                 response = await http.get(url, params=request_params)
-                response.raise_for_status()
+                if response.is_error:
+                    raise _bare_status_error(
+                        f"The plume CSV could not be fetched ({response.status_code} from {url}).",
+                        response,
+                    )
                 lines = response.text.splitlines(keepends=True)
                 body = lines if first else lines[1:]  # one header line for the whole file
                 out.writelines(body)
+                if body and not body[-1].endswith(("\n", "\r")):
+                    out.write("\n")  # else the next page's first row would join this row
                 rows += len(lines) - 1 if lines else 0
                 first = False
                 next_link = response.links.get("next", {}).get("url")

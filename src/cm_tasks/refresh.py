@@ -68,13 +68,13 @@ def default_token_name(now: datetime | None = None) -> str:
 
 
 def _check_token_name(token_name: str | None) -> str:
-    if token_name is None:
+    if not token_name:  # None, or the run form's empty field
         return default_token_name()
     name = token_name.strip()
     if not name:
         raise ConfigurationError(
-            "token_name is empty. Give a name such as 'weekly-ingest', or leave it unset "
-            "for a dated default like 'prefect-20261127T0600Z'."
+            "token_name is blank (only spaces). Give a name such as 'weekly-ingest', or leave "
+            "it empty for a dated default like 'prefect-20261127T0600Z'."
         )
     if len(name) > MAX_TOKEN_NAME_LENGTH:
         raise ConfigurationError(
@@ -107,7 +107,11 @@ def _check_block(parameter: str, value: str | None, default: str) -> str:
     try:
         return validate_block_name(value)
     except ValueError as exc:
-        raise ConfigurationError(f"{parameter}: {exc}.") from None
+        problem = str(exc)
+    # Raised here, outside the except block, with the fix; a block name is not a secret.
+    raise ConfigurationError(
+        f"{parameter} is {value!r}: {problem}. Use a name like {default!r} (the default)."
+    )
 
 
 def resolve_request(

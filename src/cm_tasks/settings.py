@@ -15,6 +15,12 @@ from cm_tasks.errors import ConfigurationError
 
 DEFAULT_BASE_URL = "https://api.carbonmapper.org/api/v1/"
 ENV_PREFIX = "CM_"
+# The package defaults. The deployable flows use the same values as their parameter defaults,
+# so the UI's run form shows them (see cm_tasks.run_parameters for when a setting wins).
+DEFAULT_EMAIL_BLOCK = "carbon-mapper-email"
+DEFAULT_PASSWORD_BLOCK = "carbon-mapper-password"
+DEFAULT_TOKEN_BLOCK = "carbon-mapper-stac-token"
+DEFAULT_TOKEN_LIFETIME_DAYS = 14
 
 RefreshMode = Literal["inline", "deployment", "off"]
 """How downstream code gets a new token: `inline` (read the credentials and call the API
@@ -68,19 +74,19 @@ class CarbonMapperSettings(BaseSettings):
     )
     timeout: float = Field(30.0, gt=0, le=600, description="Seconds to wait for each response.")
     email_block: str = Field(
-        "carbon-mapper-email",
+        DEFAULT_EMAIL_BLOCK,
         description="Name of the Prefect Secret block holding the account e-mail.",
     )
     password_block: str = Field(
-        "carbon-mapper-password",
+        DEFAULT_PASSWORD_BLOCK,
         description="Name of the Prefect Secret block holding the account password.",
     )
     token_block: str = Field(
-        "carbon-mapper-stac-token",
+        DEFAULT_TOKEN_BLOCK,
         description="Name of the CarbonMapperStacToken block the scoped token is saved to.",
     )
     token_lifetime_days: int = Field(
-        14, ge=1, le=365, description="Days a new STAC token stays valid."
+        DEFAULT_TOKEN_LIFETIME_DAYS, ge=1, le=365, description="Days a new STAC token stays valid."
     )
     max_attempts: int = Field(
         4,

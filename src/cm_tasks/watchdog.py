@@ -6,8 +6,6 @@ the `check-stac-token` flow publishes it and fails, with the event
 `carbon-mapper.stac-token.expiring`, when the token is missing, expired or expiring soon.
 """
 
-from __future__ import annotations
-
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any
@@ -18,7 +16,7 @@ from prefect.events import emit_event
 from pydantic import BaseModel, ConfigDict, Field
 
 from cm_tasks.blocks import load_token_block
-from cm_tasks.errors import CarbonMapperError, ConfigurationError
+from cm_tasks.errors import CarbonMapperError, ConfigurationError, TokenBlockError
 from cm_tasks.flows import BlockName
 from cm_tasks.notify import (
     EXPIRING_EVENT,
@@ -28,7 +26,8 @@ from cm_tasks.notify import (
     markdown_table,
     token_resource,
 )
-from cm_tasks.settings import load_settings, validate_block_name
+from cm_tasks.run_parameters import choose_values
+from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, load_settings, validate_block_name
 
 DEFAULT_THRESHOLD_DAYS = 3.0
 MAX_THRESHOLD_DAYS = 365.0
@@ -128,13 +127,15 @@ def check_token(
 
     Raises:
         ConfigurationError: the block name or threshold is unusable.
-        TokenBlockError: the block exists but cannot be read.
+        TokenBlockError: the block exists but cannot be read, or the Prefect API said "not
+            found" but is not a healthy Prefect API (e.g. PREFECT_API_URL without `/api`).
     """
     block_name = _block_name(token_block)
     threshold = check_threshold(threshold_days)
     checked_at = now or datetime.now(timezone.utc)
     token = load_token_block(block_name)
     if token is None:
+        _confirm_not_found(block_name)
         return TokenStatus(
             state=TokenState.MISSING,
             token_block=block_name,
@@ -157,6 +158,30 @@ def check_token(
         expires_at=token.expires_at,
         days_left=left,
         scopes=list(token.scopes),
+    )
+
+
+def _confirm_not_found(block_name: str) -> None:
+    """Raise unless the "not found" came from a healthy Prefect API.
+
+    A PREFECT_API_URL without its `/api` reaches Prefect's server, which answers 404 to every
+    block read: that is "could not check", not MISSING.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    with get_client(sync_client=True) as client:
+        unhealthy = client.api_healthcheck()
+    if unhealthy is None:
+        return
+    status = getattr(getattr(unhealthy, "response", None), "status_code", None)
+    what = f"{type(unhealthy).__name__}{f' {status}' if status else ''}"
+    url = get_current_settings().api.url or "Prefect's local API"
+    raise TokenBlockError(
+        f"Could not check the token block {block_name!r}: {url} answered that it does not "
+        f"exist, but does not answer as a Prefect API ({what} on /health). Check "
+        "PREFECT_API_URL: it ends in /api, e.g. http://127.0.0.1:4200/api.",
+        transient=True,
     )
 
 
@@ -207,7 +232,7 @@ def check_stac_token(
     threshold_days: Annotated[
         float, Field(json_schema_extra={"minimum": 0, "maximum": MAX_THRESHOLD_DAYS})
     ] = DEFAULT_THRESHOLD_DAYS,
-    token_block: BlockName | None = None,
+    token_block: BlockName = DEFAULT_TOKEN_BLOCK,
 ) -> dict[str, Any]:
     """Check the saved STAC token; fail when it is missing, expired or about to expire.
 
@@ -219,8 +244,9 @@ def check_stac_token(
     Args:
         threshold_days: Fail when the token has this many days left or fewer, 0 to 365.
             Default: 3.
-        token_block: Block holding the token. Default: CM_TOKEN_BLOCK
-            (carbon-mapper-stac-token).
+        token_block: Block holding the token, as refresh-stac-token writes it and
+            get_stac_token() reads it. Setting: CM_TOKEN_BLOCK (a worker setting that differs
+            from a default parameter stops a deployment run: set the parameter to it).
 
     Returns:
         The status: state, block, token name, expiry, days left, threshold. Never the token.
@@ -236,7 +262,7 @@ def check_stac_token(
         print(status["state"], status["days_left"])
         ```
     """
-    block_name = load_settings().token_block if token_block is None else token_block
+    block_name = choose_values(load_settings(), {"token_block": token_block})["token_block"]
     status = check_token(block_name, threshold_days)
     publish_status(status)
     if not status.ok:

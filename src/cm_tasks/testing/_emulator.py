@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from cm_tasks.testing import _catalog
-from cm_tasks.testing._faults import Fault
+from cm_tasks.testing._faults import Fault, Quirk
 from cm_tasks.testing._state import STAC_SCOPES, EmulatorState, path_key
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class CarbonMapperEmulator:
     # --- scripting -----------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Clear faults, counters, logs and issued tokens, and restore the initial latency."""
+        """Clear faults, quirks, counters, logs and issued tokens; restore the initial latency."""
         self._state.reset()
 
     @property
@@ -135,6 +135,29 @@ class CarbonMapperEmulator:
     @latency.setter
     def latency(self, value: float) -> None:
         self._state.latency = value
+
+    @property
+    def quirks(self) -> frozenset[Quirk]:
+        """Lasting misbehaviours switched on, e.g. ``{"merge-next"}``; :meth:`reset` clears them.
+
+        Where a :class:`Fault` spoils a few requests, a quirk changes how every answer is
+        formed (paging links, encodings, file names): see `cm_tasks.testing._faults.Quirk`.
+
+        Example:
+            ```python
+            from cm_tasks.testing import CarbonMapperEmulator
+
+            with CarbonMapperEmulator() as emu:
+                emu.quirks = {"repeat-next", "gzip"}
+                ...
+                emu.quirks = set()
+            ```
+        """
+        return self._state.quirks
+
+    @quirks.setter
+    def quirks(self, value: Iterable[Quirk]) -> None:
+        self._state.quirks = frozenset(value)
 
     def fail(self, path: str, *faults: Fault) -> None:
         """Queue faults for requests to ``path`` (relative to the base URL, e.g. ``token/pair``).

@@ -14,6 +14,28 @@ from typing import Any, Literal
 
 FaultKind = Literal["status", "html", "malformed_json", "missing_key", "drop", "delay"]
 
+Quirk = Literal["merge-next", "repeat-next", "gzip", "csv-no-final-newline", "same-file-names"]
+"""A lasting way the emulator answers differently (set with `CarbonMapperEmulator.quirks`):
+
+* ``merge-next``: a POST search's ``next`` link has ``merge: true`` and a body holding only
+  the paging ``token`` (allowed by the STAC API spec: the client merges it into the previous
+  body). A client that sends that body as it is gets page 2 of an unfiltered search.
+* ``repeat-next``: every ``next`` link (search, items, and the plume CSV's ``Link`` header)
+  asks for the same page again, so a client that follows links blindly never stops.
+* ``gzip``: assets are sent ``Content-Encoding: gzip`` (when the client accepts it), with the
+  ``Content-Length`` of the compressed body.
+* ``csv-no-final-newline``: plume CSV pages end without a newline after their last row.
+* ``same-file-names``: every asset of an item is linked as ``.../<asset key>/plume.tif``, so
+  two assets of one item share a file name.
+"""
+QUIRKS: tuple[Quirk, ...] = (
+    "merge-next",
+    "repeat-next",
+    "gzip",
+    "csv-no-final-newline",
+    "same-file-names",
+)
+
 
 def _phrase(code: int) -> str:
     try:

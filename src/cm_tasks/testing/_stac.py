@@ -11,11 +11,16 @@ Paging:
       real API's paging is undocumented; the emulator answers with a
       ``Link: <url>; rel="next"`` header (the same query with ``offset`` advanced) whenever more
       rows exist, and no ``Link`` header on the last page.
+
+Quirks (``CarbonMapperEmulator.quirks``) change this: ``merge-next`` links with a body of
+only the token and ``merge: true``, ``repeat-next`` links to the same page again, and
+``csv-no-final-newline``, ``gzip`` and ``same-file-names`` as their names say.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 from collections.abc import Iterator
@@ -29,6 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cm_tasks.testing import _catalog as cat
+from cm_tasks.testing._faults import Quirk
 from cm_tasks.testing._http import api_base, bearer_token, detail, invalid
 from cm_tasks.testing._state import EmulatorState
 
@@ -60,6 +66,7 @@ CONFORMS_TO = [
 _GEOJSON = "application/geo+json"
 _JSON = "application/json"
 _TOKEN_PREFIX = "page-"
+SHARED_FILE_NAME = "plume.tif"
 
 
 class _BadRequest(ValueError):
@@ -176,8 +183,20 @@ def _filter(search: _Search) -> list[cat.Plume]:
         raise _BadRequest(str(exc)) from None
 
 
+def _item(plume: cat.Plume, base: str, quirks: frozenset[Quirk]) -> dict[str, Any]:
+    item = cat.to_item(plume, base)
+    if "same-file-names" in quirks:
+        for key, asset in item["assets"].items():
+            asset["href"] = f"{base}stac/assets/{plume.item_id}/{key}/{SHARED_FILE_NAME}"
+    return item
+
+
 def _feature_collection(
-    request: Request, search: _Search, raw: dict[str, Any], method: str
+    request: Request,
+    search: _Search,
+    raw: dict[str, Any],
+    method: str,
+    quirks: frozenset[Quirk] = frozenset(),
 ) -> dict[str, Any]:
     base = api_base(request)
     matched = _filter(search)
@@ -188,15 +207,20 @@ def _feature_collection(
     ]
     if search.offset + search.limit < len(matched):
         token = f"{_TOKEN_PREFIX}{search.offset + search.limit}"
-        if method == "POST":
+        if "repeat-next" in quirks:  # exactly the request just answered
+            links.append({"rel": "next", "href": str(request.url), "type": _GEOJSON})
+            if method == "POST":
+                links[-1].update(method="POST", body=dict(raw), merge=False)
+        elif method == "POST":
+            merge = "merge-next" in quirks
             links.append(
                 {
                     "rel": "next",
                     "href": str(request.url),
                     "type": _GEOJSON,
                     "method": "POST",
-                    "body": {**raw, "token": token},
-                    "merge": False,
+                    "body": {"token": token} if merge else {**raw, "token": token},
+                    "merge": merge,
                 }
             )
         else:
@@ -205,11 +229,20 @@ def _feature_collection(
             links.append({"rel": "next", "href": href, "type": _GEOJSON})
     return {
         "type": "FeatureCollection",
-        "features": [cat.to_item(p, base) for p in page],
+        "features": [_item(p, base, quirks) for p in page],
         "links": links,
         "numberMatched": len(matched),
         "numberReturned": len(page),
     }
+
+
+def _gzip_asset(request: Request, item_id: str, filename: str) -> Response | None:
+    """The asset compressed (the ``gzip`` quirk), or None when the client does not accept it."""
+    if "gzip" not in request.headers.get("accept-encoding", ""):
+        return None
+    body = gzip.compress(b"".join(cat.asset_chunks(item_id, filename)))
+    # Response sets Content-Length to the compressed size, as a real server does
+    return Response(body, media_type=cat.ASSET_MEDIA_TYPE, headers={"content-encoding": "gzip"})
 
 
 def _csv_page(request: Request) -> tuple[str, int, int, int] | JSONResponse:
@@ -326,7 +359,7 @@ def stac_routes(state: EmulatorState) -> list[Route]:
         raw["collections"] = [collection_id]
         raw.pop("ids", None)
         try:
-            body = _feature_collection(request, _parse_search(raw), raw, "GET")
+            body = _feature_collection(request, _parse_search(raw), raw, "GET", state.quirks)
         except _BadRequest as exc:
             return stac_error(400, "BadRequest", str(exc))
         return JSONResponse(body, media_type=_GEOJSON)
@@ -335,7 +368,7 @@ def stac_routes(state: EmulatorState) -> list[Route]:
         plume = cat.PLUMES_BY_ID.get(request.path_params["item_id"])
         if plume is None or plume.collection != request.path_params["collection_id"]:
             return stac_error(404, "NotFoundError", "Item not found")
-        return JSONResponse(cat.to_item(plume, api_base(request)), media_type=_GEOJSON)
+        return JSONResponse(_item(plume, api_base(request), state.quirks), media_type=_GEOJSON)
 
     async def search(request: Request) -> Response:
         raw: Any
@@ -349,7 +382,9 @@ def stac_routes(state: EmulatorState) -> list[Route]:
         else:
             raw = dict(request.query_params)
         try:
-            body = _feature_collection(request, _parse_search(raw), raw, request.method)
+            body = _feature_collection(
+                request, _parse_search(raw), raw, request.method, state.quirks
+            )
         except _BadRequest as exc:
             return stac_error(400, "BadRequest", str(exc))
         return JSONResponse(body, media_type=_GEOJSON)
@@ -359,9 +394,13 @@ def stac_routes(state: EmulatorState) -> list[Route]:
         if denied is not None:
             return denied
         item_id, filename = request.path_params["item_id"], request.path_params["filename"]
+        if "key" in request.path_params:  # .../<key>/plume.tif: the same-file-names links
+            filename = f"{request.path_params['key']}.tif"
         size = cat.asset_size(item_id, filename) if filename.endswith(".tif") else None
         if size is None:
             return detail(404, "Not Found")
+        if "gzip" in state.quirks and (packed := _gzip_asset(request, item_id, filename)):
+            return packed
         chunks: Iterator[bytes] = cat.asset_chunks(item_id, filename)
         if size <= cat.CHUNK_SIZE:
             # One chunk: sent whole, sparing the thread hop a sync stream costs per chunk.
@@ -380,11 +419,16 @@ def stac_routes(state: EmulatorState) -> list[Route]:
         if isinstance(page, Response):
             return page
         text, offset, limit, total = page
+        quirks = state.quirks
+        if "csv-no-final-newline" in quirks:
+            text = text.rstrip("\n")
         headers = {"content-disposition": 'attachment; filename="plumes.csv"'}
         if offset + limit < total:
             params = [(k, v) for k, v in request.query_params.multi_items() if k != "offset"]
             query = urlencode([*params, ("offset", str(offset + limit))])
-            headers["link"] = f'<{request.url.replace(query=query)}>; rel="next"'
+            # repeat-next: exactly the request just answered
+            url = request.url if "repeat-next" in quirks else request.url.replace(query=query)
+            headers["link"] = f'<{url}>; rel="next"'
         return Response(text, media_type="text/csv", headers=headers)
 
     stac = f"{PREFIX}stac"
@@ -398,5 +442,6 @@ def stac_routes(state: EmulatorState) -> list[Route]:
         Route(f"{stac}/collections/{{collection_id}}/items/{{item_id}}", item, methods=["GET"]),
         Route(f"{stac}/search", search, methods=["GET", "POST"]),
         Route(f"{stac}/assets/{{item_id}}/{{filename}}", asset, methods=["GET"]),
+        Route(f"{stac}/assets/{{item_id}}/{{key}}/{{filename}}", asset, methods=["GET"]),
         Route(f"{PREFIX}catalog/plume-csv", plume_csv, methods=["GET"]),
     ]

@@ -15,7 +15,7 @@ from datetime import date, datetime, timezone
 from typing import Any, Literal
 
 from cm_tasks._jwt import encode_hs256, verify_hs256
-from cm_tasks.testing._faults import Fault
+from cm_tasks.testing._faults import QUIRKS, Fault, Quirk
 
 API_PREFIX = "/api/v1/"
 ACCESS_LIFETIME_SECONDS = 5 * 60
@@ -61,6 +61,7 @@ class EmulatorState:
         self._stac_requests: list[dict[str, Any]] = []
         self._faults: dict[str, deque[list[Any]]] = {}
         self._next_stac_id = 1
+        self._quirks: frozenset[Quirk] = frozenset()
         self.stopping = threading.Event()
 
     # --- accounts and tokens -------------------------------------------------------------
@@ -201,6 +202,7 @@ class EmulatorState:
             self._refresh.clear()
             self._stac.clear()
             self._stac_requests.clear()
+            self._quirks = frozenset()
             self._latency = self._default_latency
 
     # --- read access for tests -----------------------------------------------------------
@@ -217,6 +219,20 @@ class EmulatorState:
             raise ValueError("latency must not be negative")
         with self._lock:
             self._latency = value
+
+    @property
+    def quirks(self) -> frozenset[Quirk]:
+        """The lasting misbehaviours switched on (see `Quirk`)."""
+        with self._lock:
+            return self._quirks
+
+    @quirks.setter
+    def quirks(self, value: frozenset[Quirk]) -> None:
+        unknown = set(value) - set(QUIRKS)
+        if unknown:
+            raise ValueError(f"unknown quirk(s) {sorted(unknown)}; choose from {list(QUIRKS)}")
+        with self._lock:
+            self._quirks = frozenset(value)
 
     def count(self, key: str | None) -> int:
         """Return the number of requests for ``key``, or in total when None."""

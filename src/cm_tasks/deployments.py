@@ -1,0 +1,371 @@
+"""The cm-tasks deployments, in one place: `cm-tasks deploy`, `cm-tasks serve` and prefect.yaml.
+
+Two deployments keep the STAC token fresh and watched:
+
+- `refresh-stac-token/weekly`: a new token every Monday at 06:00 UTC;
+- `check-stac-token/daily` (the watchdog): checks the saved token every day at 07:00 UTC.
+
+`DEPLOYMENTS` holds their schedules, concurrency limits, descriptions and tags. `cm-tasks
+deploy` and `cm-tasks serve` build their Prefect deployments from it, and a test compares
+`prefect.yaml` with it, so that the three cannot drift apart.
+
+The entrypoints are module paths (`cm_tasks.flows.refresh_stac_token`), not file paths: any
+process with cm-tasks installed can load them - a worker on another host, in a container image
+or on a managed pool - with no checkout and no pull step that names a local directory.
+
+Example:
+    ```python
+    from cm_tasks.deployments import deploy
+
+    for result in deploy(pool="carbon-mapper").deployments:
+        print(result.full_name, result.action, result.next_run)
+    ```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal
+from uuid import UUID
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.client.schemas.objects import WorkPool
+    from prefect.deployments.runner import RunnerDeployment
+
+DEFAULT_POOL = "carbon-mapper"
+# `cm-tasks deploy` creates the pool with this type when it does not exist: a process worker
+# runs each flow run in a subprocess of its own environment, which has cm-tasks installed.
+DEFAULT_POOL_TYPE = "process"
+# Characters Prefect refuses in work pool names (prefect.utilities.names).
+_BANNED_POOL_CHARACTERS = "/%&><"
+_SYNC_ONLY = (
+    "cm_tasks.deployments works from synchronous code only: in an event loop, run it in a "
+    "thread (asyncio.to_thread)."
+)
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """How one cm-tasks deployment runs: what, when, how many at once, and its UI texts.
+
+    Attributes:
+        flow_name: The flow's name (`@flow(name=...)`), the first half of the full name.
+        name: The deployment's name, the second half: `flow_name/name`.
+        entrypoint: Module path of the flow object, e.g. `cm_tasks.flows.refresh_stac_token`.
+        cron: Cron schedule, evaluated in `timezone`.
+        description: Shown on the deployment's page in the UI.
+        tags: UI and filter tags.
+        timezone: Time zone of the cron schedule.
+        concurrency_limit: Runs of this deployment that may run at once.
+        collision_strategy: What happens to a run beyond the limit: CANCEL_NEW cancels it.
+        watchdog: True for the optional expiry check (`cm-tasks deploy --no-watchdog` skips it).
+    """
+
+    flow_name: str
+    name: str
+    entrypoint: str
+    cron: str
+    description: str
+    tags: tuple[str, ...]
+    timezone: str = "UTC"
+    concurrency_limit: int = 1
+    collision_strategy: Literal["CANCEL_NEW", "ENQUEUE"] = "CANCEL_NEW"
+    watchdog: bool = False
+
+    @property
+    def full_name(self) -> str:
+        """`flow-name/deployment-name`, as `prefect deployment run` takes it."""
+        return f"{self.flow_name}/{self.name}"
+
+    def load_flow(self) -> Flow[..., Any]:
+        """Import the flow object that `entrypoint` names (what a worker does to run it)."""
+        module_name, _, attribute = self.entrypoint.rpartition(".")
+        loaded: Flow[..., Any] = getattr(importlib.import_module(module_name), attribute)
+        return loaded
+
+    def to_deployment(
+        self,
+        work_pool_name: str | None = None,
+        job_variables: Mapping[str, Any] | None = None,
+    ) -> RunnerDeployment:
+        """Build the Prefect `RunnerDeployment` of this spec, with a module-path entrypoint.
+
+        Args:
+            work_pool_name: The pool whose workers run it; None for `serve` (no pool).
+            job_variables: Overrides of the pool's job template, e.g. `{"image": ...}` for a
+                docker or kubernetes pool, `{"pip_packages": ["cm-tasks"]}` for a managed one.
+        """
+        from prefect.client.schemas.objects import ConcurrencyLimitConfig
+        from prefect.client.schemas.schedules import CronSchedule
+        from prefect.types.entrypoint import EntrypointType
+
+        flow = self.load_flow()
+        # Synchronous from synchronous code on every Prefect 3 (sync_compatible/async_dispatch).
+        deployment = flow.to_deployment(
+            name=self.name,
+            schedules=[CronSchedule(cron=self.cron, timezone=self.timezone)],
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=self.concurrency_limit,
+                collision_strategy=self.collision_strategy,
+            ),
+            description=self.description,
+            tags=list(self.tags),
+            work_pool_name=work_pool_name,
+            job_variables=dict(job_variables or {}),
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            parameters=self.parameters(flow),
+        )
+        if inspect.isawaitable(deployment):
+            raise RuntimeError(_SYNC_ONLY)
+        if deployment.entrypoint != self.entrypoint:
+            # Prefect derives it from the flow's module and function name: a renamed module
+            # or flow function must be renamed here too, or prefect.yaml would disagree.
+            raise RuntimeError(
+                f"Deployment {self.full_name} got the entrypoint {deployment.entrypoint!r}, "
+                f"not {self.entrypoint!r}: update cm_tasks.deployments."
+            )
+        return deployment
+
+    @staticmethod
+    def parameters(flow: Flow[..., Any]) -> dict[str, Any]:
+        """The deployment parameters that carry this environment's `CM_*` block names and lifetime.
+
+        Empty where the settings are the package defaults. Otherwise the run form shows the
+        values this environment uses, and a run started by `serve` (or by a worker with the
+        same settings) writes and reads the same blocks as `get_stac_token()` here - see
+        `cm_tasks.run_parameters` for the rule.
+        """
+        from cm_tasks.run_parameters import PAIRS, deployment_parameters
+        from cm_tasks.settings import load_settings
+
+        names = [name for name in flow.parameters.properties if name in PAIRS]
+        return deployment_parameters(names, load_settings())
+
+    def next_run(self, after: datetime | None = None) -> datetime:
+        """When the schedule fires next after `after` (default now), as the server computes it."""
+        from prefect.server.schemas.schedules import CronSchedule as ServerCronSchedule
+
+        schedule = ServerCronSchedule(cron=self.cron, timezone=self.timezone)
+        start = after or datetime.now(timezone.utc)
+        dates = asyncio.run(schedule.get_dates(n=1, start=start))
+        return datetime.fromisoformat(dates[0].isoformat()).astimezone(timezone.utc)
+
+
+WEEKLY_REFRESH = DeploymentSpec(
+    flow_name="refresh-stac-token",
+    name="weekly",
+    entrypoint="cm_tasks.flows.refresh_stac_token",
+    cron="0 6 * * 1",
+    description=(
+        "Get a new Carbon Mapper STAC token every Monday at 06:00 UTC and save it to the "
+        "CarbonMapperStacToken block (default carbon-mapper-stac-token) that ingest flows load. "
+        "Credentials come from the Secret blocks carbon-mapper-email and carbon-mapper-password "
+        "(`cm-tasks login`). No parameter is required: Quick run uses the defaults."
+    ),
+    tags=("carbon-mapper", "stac-token"),
+)
+
+DAILY_CHECK = DeploymentSpec(
+    flow_name="check-stac-token",
+    name="daily",
+    entrypoint="cm_tasks.watchdog.check_stac_token",
+    cron="0 7 * * *",
+    description=(
+        "Check every day at 07:00 UTC that the saved STAC token is not missing, expired or "
+        "about to expire (default threshold 3 days). Fails and emits the event "
+        "carbon-mapper.stac-token.expiring when it is. Reads the block only: no call to the "
+        "Carbon Mapper API."
+    ),
+    tags=("carbon-mapper", "stac-token", "watchdog"),
+    watchdog=True,
+)
+
+#: Every deployment that `cm-tasks deploy` and `cm-tasks serve` make, in order.
+DEPLOYMENTS: tuple[DeploymentSpec, ...] = (WEEKLY_REFRESH, DAILY_CHECK)
+
+
+def deployment_specs(watchdog: bool = True) -> tuple[DeploymentSpec, ...]:
+    """The specs to deploy or serve: all of them, or all but the watchdog."""
+    return tuple(spec for spec in DEPLOYMENTS if watchdog or not spec.watchdog)
+
+
+def build_deployments(
+    *, watchdog: bool = True, work_pool_name: str | None = None
+) -> list[RunnerDeployment]:
+    """The Prefect deployments of `deployment_specs(watchdog)`, for a pool or for `serve`."""
+    return [spec.to_deployment(work_pool_name) for spec in deployment_specs(watchdog)]
+
+
+def validate_pool_name(value: str) -> str:
+    """Return value if Prefect accepts it as a work pool name, else raise ValueError saying why."""
+    name = value.strip()
+    if not name:
+        raise ValueError("a work pool name must not be empty")
+    banned = sorted({c for c in name if c in _BANNED_POOL_CHARACTERS})
+    if banned:
+        raise ValueError(f"a work pool name may not contain {' '.join(banned)}")
+    return name
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What `deploy` did for one deployment."""
+
+    spec: DeploymentSpec
+    deployment_id: UUID
+    action: Literal["created", "updated"]
+    pool: str
+    next_run: datetime
+
+    @property
+    def full_name(self) -> str:
+        """`flow-name/deployment-name`."""
+        return self.spec.full_name
+
+
+@dataclass(frozen=True)
+class PoolResult:
+    """The work pool `deploy` used: its name, type, and whether `deploy` created it."""
+
+    name: str
+    type: str
+    created: bool
+
+
+def ensure_work_pool(name: str = DEFAULT_POOL) -> PoolResult:
+    """Return the work pool called name, creating it as a `process` pool if there is none.
+
+    An existing pool is used as it is, whatever its type (docker, kubernetes, managed): its
+    workers need only an environment with cm-tasks installed.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool: WorkPool = client.read_work_pool(name)
+        except ObjectNotFound:
+            pass
+        else:
+            return PoolResult(name=pool.name, type=pool.type, created=False)
+        try:
+            pool = client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type=DEFAULT_POOL_TYPE,
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                )
+            )
+        except ObjectAlreadyExists:  # created by someone else meanwhile: use theirs
+            pool = client.read_work_pool(name)
+            return PoolResult(name=pool.name, type=pool.type, created=False)
+    return PoolResult(name=pool.name, type=pool.type, created=True)
+
+
+def _existing_deployment_ids(names: Sequence[str]) -> dict[str, UUID]:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    found: dict[str, UUID] = {}
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                found[name] = client.read_deployment_by_name(name).id
+            except ObjectNotFound:
+                continue
+    return found
+
+
+@dataclass(frozen=True)
+class DeployReport:
+    """What `deploy` did: the pool it used and one result per deployment."""
+
+    pool: PoolResult
+    deployments: list[DeployResult]
+
+
+def deploy(
+    pool: str = DEFAULT_POOL,
+    *,
+    watchdog: bool = True,
+    job_variables: Mapping[str, Any] | None = None,
+) -> DeployReport:
+    """Create or update the cm-tasks deployments on a work pool; safe to run again.
+
+    Creates the pool (type `process`) when there is none. Each deployment gets its schedule,
+    concurrency limit, description and tags from `DEPLOYMENTS`, a module-path entrypoint and
+    no pull step: a worker needs cm-tasks installed, nothing else. Running it again updates
+    the deployments in place (same IDs, one schedule each).
+
+    Args:
+        pool: Work pool whose workers run the deployments.
+        watchdog: Also deploy `check-stac-token/daily`.
+        job_variables: Job variables of both deployments, e.g. `{"image": "you/cm-tasks:0.2.0"}`
+            for a docker or kubernetes pool or `{"pip_packages": ["cm-tasks"]}` for a Prefect
+            managed pool. Stored in plain text: never put a password here.
+
+    Returns:
+        The pool (and whether it was created), and one result per deployment: created or
+        updated, its ID, and its next scheduled run.
+
+    Raises:
+        ValueError: pool is not a valid work pool name (before any API call).
+
+    Example:
+        ```python
+        from cm_tasks.deployments import deploy
+
+        report = deploy("carbon-mapper", watchdog=False)
+        assert [r.full_name for r in report.deployments] == ["refresh-stac-token/weekly"]
+        ```
+    """
+    pool = validate_pool_name(pool)
+    pool_result = ensure_work_pool(pool)
+    specs = deployment_specs(watchdog)
+    existing = _existing_deployment_ids([spec.full_name for spec in specs])
+    results = []
+    for spec in specs:
+        deployment_id = spec.to_deployment(pool, job_variables).apply(work_pool_name=pool)
+        if not isinstance(deployment_id, UUID):
+            raise RuntimeError(_SYNC_ONLY)
+        results.append(
+            DeployResult(
+                spec=spec,
+                deployment_id=deployment_id,
+                action="updated" if spec.full_name in existing else "created",
+                pool=pool,
+                next_run=spec.next_run(),
+            )
+        )
+    return DeployReport(pool=pool_result, deployments=results)
+
+
+def serve(*, watchdog: bool = True) -> None:
+    """Run the cm-tasks deployments from this process until Ctrl-C or SIGTERM (no pool, no worker).
+
+    Prefect's `serve`: registers the deployments (the same names, schedules and limits as
+    `deploy`), then polls for their scheduled runs and for runs started from the UI or with
+    `prefect deployment run`, and executes them here. On shutdown Prefect pauses their
+    schedules, as nothing runs them any more; `serve` or `deploy` again resumes them.
+
+    Args:
+        watchdog: Also serve `check-stac-token/daily`.
+
+    Example:
+        ```python
+        from cm_tasks.deployments import serve
+
+        serve(watchdog=False)  # blocks until Ctrl-C
+        ```
+    """
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*build_deployments(watchdog=watchdog))
