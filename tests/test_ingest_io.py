@@ -25,7 +25,7 @@ from cm_tasks.ingest import (
     plan_downloads,
     search_body,
 )
-from cm_tasks.testing import CarbonMapperEmulator
+from cm_tasks.testing import CarbonMapperEmulator, Fault
 
 from .leaks import Secrets, assert_no_leak
 
@@ -141,6 +141,30 @@ async def test_search_and_csv_errors_do_not_carry_the_token(
     assert "limit" in search_error.value.response.text
     assert search_error.value.request.url.path.endswith("stac/search")
     assert "Authorization" not in search_error.value.request.headers
+
+
+async def test_dropped_connections_in_search_and_csv_do_not_carry_the_token(
+    carbon_mapper_token_block: CarbonMapperStacToken,
+    carbon_mapper_emulator: CarbonMapperEmulator,
+    tmp_path: Path,
+) -> None:
+    # A transport error (here the connection closed without an answer) is raised by httpx
+    # with the request it was sending attached: the STAC token in its headers.
+    errors: list[BaseException] = []
+    carbon_mapper_emulator.fail("stac/search", Fault.drop())
+    with pytest.raises(httpx.RemoteProtocolError) as search_error:
+        await _search(FILTERED)
+    errors.append(search_error.value)
+    carbon_mapper_emulator.fail("catalog/plume-csv", Fault.drop())
+    with pytest.raises(httpx.RemoteProtocolError) as csv_error:
+        await _csv(tmp_path / "plumes.csv")
+    errors.append(csv_error.value)
+
+    assert_no_leak(Secrets({"stac token": carbon_mapper_token_block.get()}), exceptions=errors)
+    # still says what failed and where
+    assert search_error.value.request.url.path.endswith("stac/search")
+    assert csv_error.value.request.url.path.endswith("catalog/plume-csv")
+    assert "Authorization" not in csv_error.value.request.headers
 
 
 # --- downloads (items 10 and 11) -------------------------------------------------------------

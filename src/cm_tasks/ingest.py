@@ -161,6 +161,25 @@ def _bare_status_error(message: str, response: httpx.Response) -> httpx.HTTPStat
     return httpx.HTTPStatusError(message, request=request, response=copy)
 
 
+async def _request(http: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """http.request, whose transport errors (time-outs, dropped connections) carry no token.
+
+    httpx attaches the request it was sending, STAC token in its headers, to the error: the
+    error is raised again as a copy of the same type with a bare request (method and URL),
+    outside the except block so that the original is not kept as its __context__.
+    """
+    try:
+        return await http.request(method, url, **kwargs)
+    except httpx.RequestError as exc:
+        try:
+            sent = exc.request
+            bare = httpx.Request(sent.method, sent.url)
+        except RuntimeError:  # no request attached
+            bare = httpx.Request(method, http.base_url.join(url))
+        error = type(exc)(str(exc), request=bare)
+    raise error
+
+
 class _PageGuard:
     """Stops paging that repeats a request or runs past `max_pages`, with a clear error."""
 
@@ -239,7 +258,7 @@ async def iter_search(
     while request is not None:
         url, method, json_body = request
         guard.check(method, url, json_body)
-        response = await http.request(method, url, json=json_body)
+        response = await _request(http, method, url, json=json_body)
         if response.is_error:
             raise _bare_status_error(
                 f"The STAC search failed ({response.status_code} from {url}): "
@@ -440,7 +459,7 @@ async def fetch_plume_csv_to(
             while url is not None:
                 target = httpx.URL(url)  # URL(url, params=None) would drop url's own query
                 guard.check("GET", str(target.copy_merge_params(request_params or {})))
-                response = await http.get(url, params=request_params)
+                response = await _request(http, "GET", url, params=request_params)
                 if response.is_error:
                     raise _bare_status_error(
                         f"The plume CSV could not be fetched ({response.status_code} from {url}).",
