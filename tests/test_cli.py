@@ -307,6 +307,23 @@ def test_refresh_rejects_bad_parameters_before_any_call(
     assert credentials.requests() == 0
 
 
+def test_refresh_with_the_prefect_api_down_says_so_without_a_traceback(
+    runner: CliRunner, credentials: CarbonMapperEmulator
+) -> None:
+    # Prefect wraps the connection error in a RuntimeError ("Failed to reach API") when the
+    # flow run starts: it must read like status's "could not reach", not a crash.
+    closed_port = f"http://127.0.0.1:{_closed_port()}/api"
+    with temporary_settings({PREFECT_API_URL: closed_port, PREFECT_CLIENT_MAX_RETRIES: 0}):
+        result = runner.invoke(app, ["refresh"])
+
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert result.exit_code == 1
+    assert "The refresh failed" in result.output
+    assert closed_port in result.output
+    assert "prefect server start" in result.output
+    assert credentials.requests() == 0
+
+
 # --- emulator and help -----------------------------------------------------------------------
 
 
