@@ -8,8 +8,13 @@ errors that must not carry the STAC token in their attached request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
+import gzip
 import io
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,9 @@ import pytest
 from cm_tasks import CarbonMapperStacToken, ConfigurationError, async_stac_http_client
 from cm_tasks.errors import UnexpectedResponseError
 from cm_tasks.ingest import (
+    AssetFile,
     download_all,
+    download_one,
     fetch_plume_csv_to,
     iter_search,
     plan_downloads,
@@ -168,6 +175,55 @@ async def test_dropped_connections_in_search_and_csv_do_not_carry_the_token(
 
 
 # --- downloads (items 10 and 11) -------------------------------------------------------------
+
+
+ASSET = bytes(range(256)) * 400
+
+
+@contextlib.contextmanager
+def _short_body_server(head: bytes, body: bytes) -> Iterator[str]:
+    """A real HTTP server that answers every GET with head + body, then closes the connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listener is closed at the end of the test
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(head + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/plume.tif"
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "body"),
+    [
+        # no Content-Length: the body ends when the connection closes, here half-way
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", ASSET[: len(ASSET) // 2]),
+        # a complete chunked body holding a gzip stream that was cut short
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            (lambda z: b"%x\r\n%s\r\n0\r\n\r\n" % (len(z), z))(gzip.compress(ASSET)[:-200]),
+        ),
+    ],
+    ids=["close-delimited", "cut-gzip"],
+)
+async def test_a_short_body_is_not_renamed_into_place(
+    tmp_path: Path, head: bytes, body: bytes
+) -> None:
+    with _short_body_server(head, body) as href:
+        asset = AssetFile("i", "c", "data", href, tmp_path / "plume.tif", len(ASSET), None)
+        async with httpx.AsyncClient() as http:
+            result = await download_one(http, asset)
+
+    assert result.status == "failed"
+    assert f"of {len(ASSET)} bytes" in result.error
+    assert list(tmp_path.iterdir()) == []  # neither the short file nor a temporary one
 
 
 async def _small_items(emulator: CarbonMapperEmulator, count: int) -> list[dict[str, Any]]:

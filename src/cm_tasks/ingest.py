@@ -353,6 +353,12 @@ async def download_one(http: httpx.AsyncClient, asset: AssetFile) -> DownloadRes
                 received = response.num_bytes_downloaded
         if expected is not None and received != int(expected):
             return DownloadResult(asset, "failed", 0, f"got {received} of {expected} bytes")
+        if asset.size is not None and written != asset.size:
+            # A body without Content-Length ends when the connection closes, and a cut gzip
+            # stream decodes without error: only the item's file:size shows it is short.
+            return DownloadResult(
+                asset, "failed", 0, f"got {written} of {asset.size} bytes (the item's file:size)"
+            )
         os.replace(tmp_name, asset.path)
         tmp_name = ""
         return DownloadResult(asset, "downloaded", written)
