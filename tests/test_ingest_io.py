@@ -226,6 +226,26 @@ async def test_a_short_body_is_not_renamed_into_place(
     assert list(tmp_path.iterdir()) == []  # neither the short file nor a temporary one
 
 
+async def test_a_file_name_of_the_longest_allowed_length_downloads(tmp_path: Path) -> None:
+    # 254 characters is a legal file name, but its temporary name (".<name>.<random>") was
+    # not: the OSError stopped every download of the batch.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(ASSET)
+    with _short_body_server(head, ASSET) as href:
+        path = tmp_path / ("n" * 250 + ".tif")
+        asset = AssetFile("i", "c", "data", href, path, len(ASSET), None)
+        async with httpx.AsyncClient() as http:
+            [result] = await download_all(http, [asset])
+
+    assert result.status == "downloaded", result.error
+    assert path.read_bytes() == ASSET
+
+
+def test_a_file_name_too_long_for_a_file_system_is_refused_when_planning(tmp_path: Path) -> None:
+    item = {"id": "i", "assets": {"data": {"href": "https://x.example/" + "n" * 300 + ".tif"}}}
+    with pytest.raises(ValueError, match="304 characters long"):
+        plan_downloads([item], tmp_path)
+
+
 async def _small_items(emulator: CarbonMapperEmulator, count: int) -> list[dict[str, Any]]:
     large_item = emulator.large_asset[0]
     items = await _search(search_body(collections=["l4a-ch4"], limit=10), max_items=10)

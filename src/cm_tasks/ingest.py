@@ -51,6 +51,7 @@ PROGRESS_STEP = 5.0
 PROGRESS_INTERVAL = 1.0
 """...but at most once per this many seconds: each update is a Prefect API call."""
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME_MAX = 255  # bytes in one path component on common file systems (ASCII here: chars)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ def _safe_name(value: str, what: str) -> str:
     # Names come from the API and become path components: nothing that could climb out.
     if not _SAFE_NAME.fullmatch(value) or ".." in value:
         raise ValueError(f"unsafe {what} {value!r} in a STAC item; not writing it to disk")
+    if len(value) > _NAME_MAX:
+        raise ValueError(
+            f"{what} {value[:40]!r}... in a STAC item is {len(value)} characters long; a file "
+            f"system takes at most {_NAME_MAX}: not writing it to disk"
+        )
     return value
 
 
@@ -334,7 +340,9 @@ async def download_one(http: httpx.AsyncClient, asset: AssetFile) -> DownloadRes
     if _complete(asset):
         return DownloadResult(asset, "skipped", asset.path.stat().st_size)
     asset.path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{asset.path.name}.", dir=asset.path.parent)
+    # The temporary name adds 10 characters: cut so that a name of the longest length a
+    # file system allows (255 bytes) still has a temporary file.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{asset.path.name[:64]}.", dir=asset.path.parent)
     try:
         written = received = 0
         with os.fdopen(fd, "wb") as out:
