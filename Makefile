@@ -61,9 +61,10 @@ dist: install
 	$(VENV)/bin/twine check --strict dist/*
 
 ## bench: side-by-side figures against the goals (a few minutes; see bench/RESULTS.md)
-##   on another Prefect: make bench VENV=.compat/prefect-3.2 (after make compat PREFECT=3.2)
+##   on another Prefect: make bench VENV=.compat/prefect-3.2 (after make compat PREFECT=3.2);
+##   a part only: make bench BENCH_ARGS="--only bench_refresh.py bench_import.py"
 bench: $(if $(filter .venv,$(VENV)),install)
-	env -u PREFECT_API_URL PREFECT_HOME=$(BENCH_HOME) $(PY) bench/run.py
+	env -u PREFECT_API_URL PREFECT_HOME=$(BENCH_HOME) $(PY) bench/run.py $(BENCH_ARGS)
 
 format: install
 	$(VENV)/bin/ruff check --fix src tests flows bench

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -67,18 +68,30 @@ def _demo_seconds() -> float:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CM_"))}
         env.update(PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false")
         started = time.perf_counter()
-        subprocess.run(["make", "-s", "demo"], cwd=ROOT, env=env, check=True, capture_output=True)
+        # What `make demo` runs, with this interpreter: `make bench VENV=.compat/prefect-3.2`
+        # times that venv's demo (make's own `demo` target would use, or build, .venv).
+        subprocess.run(
+            [sys.executable, "-m", "cm_tasks.demo"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         return time.perf_counter() - started
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs, for a smoke test")
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(SCRIPTS), help="run these scripts only (and the demo)"
+    )
     args = parser.parse_args()
 
     figures: list[dict[str, str]] = []
     for name, script_args in (QUICK if args.quick else SCRIPTS).items():
-        figures += _run_script(name, script_args)
+        if args.only is None or name in args.only:
+            figures += _run_script(name, script_args)
     print("\n=== make demo")
     seconds = _demo_seconds()
     report("make demo wall time (installed, fresh PREFECT_HOME)", f"{seconds:.1f} s", "-")
@@ -92,7 +105,8 @@ def main() -> int:
 
     print(
         f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}\n"
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"Prefect {version('prefect')}\n"
     )
     print("| figure | value | goal |\n| --- | --- | --- |")
     for figure in figures:

@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx
 
 HOST = "127.0.0.1"
-STARTUP_TIMEOUT = 90.0
+STARTUP_TIMEOUT = 240.0  # a fresh database runs every migration; slow on a loaded machine
 STOP_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 180.0
 UNAVAILABLE_ATTEMPTS = 5

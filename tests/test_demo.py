@@ -14,6 +14,9 @@ from cm_tasks.testing import DEMO_PASSWORD
 def test_demo_runs_and_prints_no_secret(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CM_", "PREFECT_"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # The demo's temporary server migrates a fresh database: Prefect's default 20 s wait is too
+    # short for old Prefect (make compat) on a loaded 2-core machine.
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 
     result = subprocess.run(
         [sys.executable, "-m", "cm_tasks.demo"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import importlib.util
+import inspect
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.client.schemas.objects import State
 
 import cm_tasks.ingest
 from cm_tasks import (
@@ -88,6 +90,13 @@ async def _search(body: dict[str, Any], max_items: int | None = None) -> list[di
 SEARCH = {"collections": ["l4a-ch4"], "query": {"cm:emission": {"gt": 300}}, "max_items": 5}
 
 
+async def _result(state: State[Any]) -> Any:
+    # `State.aresult()` is newer than Prefect 3.2 and not what these tests are about; in async
+    # code `State.result()` gives an awaitable on every supported Prefect (3.2 to 3.9).
+    result = state.result()
+    return await result if inspect.isawaitable(result) else result
+
+
 async def test_flow_downloads_matching_assets_with_artifacts(
     carbon_mapper_token_block: CarbonMapperStacToken,
     carbon_mapper_emulator: CarbonMapperEmulator,
@@ -98,7 +107,7 @@ async def test_flow_downloads_matching_assets_with_artifacts(
 
     state = await ingest_plumes(**SEARCH, output_dir=str(out), plume_csv=True, return_state=True)
 
-    summary = await state.aresult()
+    summary = await _result(state)
     assert state.is_completed()
     files = _files(out)
     item_dirs = {Path(name).parent for name in files if name != "plumes.csv"}
@@ -279,7 +288,7 @@ async def test_flow_renews_a_rejected_token_once(
 
     state = await ingest_plumes(**SEARCH, output_dir=str(tmp_path), return_state=True)
 
-    summary = await state.aresult()
+    summary = await _result(state)
     assert summary["downloaded"] == 10
     assert emu.requests(CREATE_STAC) == 1
     assert stored_token() == emu.issued_stac_tokens[-1]

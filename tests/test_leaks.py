@@ -294,7 +294,7 @@ def test_runs_leave_no_secret_in_the_prefect_api(
     # transient faults, then an API that echoes the password (the subprocess test below
     # covers more runs; this one proves the scan in the session's own Prefect API)
     emulator.fail("token/pair", Fault.status(503), Fault.drop())
-    emulator.fail("account/tokens/create-stac", Fault.html(502), Fault.rate_limited(0))
+    emulator.fail("account/tokens/create-stac", Fault.html(503), Fault.rate_limited(0))
     states.append(refresh_stac_token(return_state=True))
     echo = {"detail": f"password {sentinel.as_dict()['sentinel password']} is invalid"}
     emulator.fail("token/pair", Fault.status(400, echo))
@@ -340,7 +340,7 @@ def test_refresh_outside_a_flow_leaks_nothing(
     caplog.set_level(logging.DEBUG)
     emulator = cm_env
     settings = load_settings()
-    emulator.fail("account/tokens/create-stac", Fault.status(500))
+    emulator.fail("account/tokens/create-stac", Fault.status(503))
 
     token = run_refresh(resolve_request(settings, token_name="inline"), settings)
 
@@ -446,6 +446,8 @@ def runner(cm_env: CarbonMapperEmulator, tmp_path: Path) -> Iterator[_Runner]:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
         PREFECT_LOGGING_LEVEL="DEBUG",
+        # Its temporary server migrates a fresh database: slow on old Prefect under load.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
         CM_BASE_URL=cm_env.base_url,
         CM_RETRY_BACKOFF="0",
         CM_TIMEOUT="5",
@@ -489,7 +491,7 @@ def test_nothing_in_prefect_home_holds_a_secret(
 
     # transient faults on both endpoints, retried to success
     emulator.fail("token/pair", Fault.status(503), Fault.drop())
-    emulator.fail("account/tokens/create-stac", Fault.html(502), Fault.rate_limited(0))
+    emulator.fail("account/tokens/create-stac", Fault.html(503), Fault.rate_limited(0))
     outcomes.append(runner.send(op="refresh", params={"token_name": "home-transient"}))
     outcomes.append(runner.send(op="composed"))  # the tasks composed in a user's flow
     # permanent failures: 403, an API that echoes the password, a wrong password

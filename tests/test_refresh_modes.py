@@ -32,6 +32,7 @@ import pytest
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from cm_tasks import (
@@ -83,9 +84,17 @@ INGEST_ENV = {
 
 @contextlib.contextmanager
 def using(server: PrefectServer) -> Iterator[None]:
-    """Run Prefect client code of this process against the module's server."""
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
+    """Run Prefect client code of this process against the module's server.
+
+    On the way out, the process's events worker is drained while the server is still up: it
+    binds to the API it first sent to, and would otherwise keep sending the later tests'
+    events to this module's server after it has stopped.
+    """
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        EventsWorker.drain_all(timeout=10)
 
 
 @pytest.fixture(scope="module")

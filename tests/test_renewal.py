@@ -21,6 +21,7 @@ import pytest
 from cm_tasks import (
     CarbonMapperStacToken,
     ConfigurationError,
+    async_stac_http_client,
     clear_token_cache,
     get_stac_token,
     stac_http_client,
@@ -84,6 +85,21 @@ def test_a_token_made_moments_ago_is_not_renewed_on_a_401(
     assert emu.requests(CREATE_STAC) == 0
     assert emu.requests(path) == 10
     assert stored_token() == carbon_mapper_token_block.get()
+
+
+async def test_the_async_client_does_not_renew_a_token_made_moments_ago(
+    carbon_mapper_token_block: CarbonMapperStacToken, carbon_mapper_emulator: CarbonMapperEmulator
+) -> None:
+    emu = carbon_mapper_emulator
+    path = _asset(emu)
+    emu.fail(path, Fault.status(401, times=100))
+
+    async with async_stac_http_client() as http:
+        statuses = [(await http.get(path)).status_code for _ in range(5)]
+
+    assert statuses == [401] * 5
+    assert emu.requests(CREATE_STAC) == 0
+    assert emu.requests(path) == 5
 
 
 def test_a_401_from_another_host_after_a_redirect_renews_nothing(

@@ -97,14 +97,21 @@ FORM_VALUES_JS = """
 UIS = [("v2", "/v2"), ("classic", "")]
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+@pytest.fixture(scope="module", autouse=True)
+def require_browser() -> None:
+    """Fail at once, before the server starts, when the browser or Playwright is missing."""
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         pytest.fail("Playwright is missing: `pip install -e '.[dev]'` installs it.")
     if not CHROMIUM.exists():
         pytest.fail(INSTALL_HINT)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield launched
