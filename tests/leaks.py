@@ -200,9 +200,11 @@ def scan_text(text: str | bytes, secrets: Secrets, where: str) -> list[Hit]:
 
 
 def _http_parts(obj: Any) -> list[str]:
-    """The URL, headers and body of an httpx Request or Response (whatever has been read)."""
+    """The URL, headers and body of an httpx or requests request or response (as read)."""
     import httpx
 
+    if _is_requests_object(obj):
+        return _requests_parts(obj)
     if not isinstance(obj, httpx.Request | httpx.Response):
         return []
     parts = [repr(obj)]
@@ -215,6 +217,29 @@ def _http_parts(obj: Any) -> list[str]:
     if isinstance(obj, httpx.Request):
         with contextlib.suppress(httpx.RequestNotRead):
             parts.append(obj.read().decode("utf-8", errors="replace"))
+    return parts
+
+
+def _is_requests_object(obj: Any) -> bool:
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - requests comes with the [stac] extra
+        return False
+    return isinstance(obj, requests.PreparedRequest | requests.Request | requests.Response)
+
+
+def _requests_parts(obj: Any) -> list[str]:
+    """The URL, headers and body of a requests request or response (pystac-client's errors)."""
+    parts = [repr(obj), str(getattr(obj, "url", ""))]
+    parts.extend(f"{k}: {v}" for k, v in (obj.headers or {}).items())
+    body = getattr(obj, "body", None)
+    if body is None:
+        with contextlib.suppress(Exception):
+            body = obj.content  # a Response
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", errors="replace")
+    if isinstance(body, str):
+        parts.append(body)
     return parts
 
 

@@ -249,6 +249,39 @@ def test_status_cannot_check_exits_4(runner: CliRunner, monkeypatch: pytest.Monk
     assert closed_port in unreachable.output
 
 
+def test_status_against_a_web_page_is_could_not_check_not_missing(runner: CliRunner) -> None:
+    # PREFECT_API_URL at a proxy or web app that answers 200 with HTML to every path: Prefect's
+    # client fails to parse the block, which is not "no such block" (exit 3, "refresh now").
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html><body>Sign in</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}):
+            result = runner.invoke(app, ["status"])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert result.exit_code == EXIT_CHECK_ERROR, result.output
+    assert "not as a Prefect API" in result.output
+    assert "MISSING" not in result.output
+
+
 def _closed_port() -> int:
     import socket
 
@@ -304,6 +337,23 @@ def test_refresh_rejects_bad_parameters_before_any_call(
 
     assert result.exit_code == EXIT_USAGE  # a usage error, not a failed refresh
     assert "lifetime_days is 0" in result.output
+    assert credentials.requests() == 0
+
+
+def test_refresh_with_the_prefect_api_down_says_so_without_a_traceback(
+    runner: CliRunner, credentials: CarbonMapperEmulator
+) -> None:
+    # Prefect wraps the connection error in a RuntimeError ("Failed to reach API") when the
+    # flow run starts: it must read like status's "could not reach", not a crash.
+    closed_port = f"http://127.0.0.1:{_closed_port()}/api"
+    with temporary_settings({PREFECT_API_URL: closed_port, PREFECT_CLIENT_MAX_RETRIES: 0}):
+        result = runner.invoke(app, ["refresh"])
+
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert result.exit_code == 1
+    assert "The refresh failed" in result.output
+    assert closed_port in result.output
+    assert "prefect server start" in result.output
     assert credentials.requests() == 0
 
 

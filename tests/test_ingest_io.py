@@ -8,8 +8,13 @@ errors that must not carry the STAC token in their attached request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
+import gzip
 import io
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +24,15 @@ import pytest
 from cm_tasks import CarbonMapperStacToken, ConfigurationError, async_stac_http_client
 from cm_tasks.errors import UnexpectedResponseError
 from cm_tasks.ingest import (
+    AssetFile,
     download_all,
+    download_one,
     fetch_plume_csv_to,
     iter_search,
     plan_downloads,
     search_body,
 )
-from cm_tasks.testing import CarbonMapperEmulator
+from cm_tasks.testing import CarbonMapperEmulator, Fault
 
 from .leaks import Secrets, assert_no_leak
 
@@ -143,7 +150,100 @@ async def test_search_and_csv_errors_do_not_carry_the_token(
     assert "Authorization" not in search_error.value.request.headers
 
 
+async def test_dropped_connections_in_search_and_csv_do_not_carry_the_token(
+    carbon_mapper_token_block: CarbonMapperStacToken,
+    carbon_mapper_emulator: CarbonMapperEmulator,
+    tmp_path: Path,
+) -> None:
+    # A transport error (here the connection closed without an answer) is raised by httpx
+    # with the request it was sending attached: the STAC token in its headers.
+    errors: list[BaseException] = []
+    carbon_mapper_emulator.fail("stac/search", Fault.drop())
+    with pytest.raises(httpx.RemoteProtocolError) as search_error:
+        await _search(FILTERED)
+    errors.append(search_error.value)
+    carbon_mapper_emulator.fail("catalog/plume-csv", Fault.drop())
+    with pytest.raises(httpx.RemoteProtocolError) as csv_error:
+        await _csv(tmp_path / "plumes.csv")
+    errors.append(csv_error.value)
+
+    assert_no_leak(Secrets({"stac token": carbon_mapper_token_block.get()}), exceptions=errors)
+    # still says what failed and where
+    assert search_error.value.request.url.path.endswith("stac/search")
+    assert csv_error.value.request.url.path.endswith("catalog/plume-csv")
+    assert "Authorization" not in csv_error.value.request.headers
+
+
 # --- downloads (items 10 and 11) -------------------------------------------------------------
+
+
+ASSET = bytes(range(256)) * 400
+
+
+@contextlib.contextmanager
+def _short_body_server(head: bytes, body: bytes) -> Iterator[str]:
+    """A real HTTP server that answers every GET with head + body, then closes the connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listener is closed at the end of the test
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(head + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/plume.tif"
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "body"),
+    [
+        # no Content-Length: the body ends when the connection closes, here half-way
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", ASSET[: len(ASSET) // 2]),
+        # a complete chunked body holding a gzip stream that was cut short
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            (lambda z: b"%x\r\n%s\r\n0\r\n\r\n" % (len(z), z))(gzip.compress(ASSET)[:-200]),
+        ),
+    ],
+    ids=["close-delimited", "cut-gzip"],
+)
+async def test_a_short_body_is_not_renamed_into_place(
+    tmp_path: Path, head: bytes, body: bytes
+) -> None:
+    with _short_body_server(head, body) as href:
+        asset = AssetFile("i", "c", "data", href, tmp_path / "plume.tif", len(ASSET), None)
+        async with httpx.AsyncClient() as http:
+            result = await download_one(http, asset)
+
+    assert result.status == "failed"
+    assert f"of {len(ASSET)} bytes" in result.error
+    assert list(tmp_path.iterdir()) == []  # neither the short file nor a temporary one
+
+
+async def test_a_file_name_of_the_longest_allowed_length_downloads(tmp_path: Path) -> None:
+    # 254 characters is a legal file name, but its temporary name (".<name>.<random>") was
+    # not: the OSError stopped every download of the batch.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(ASSET)
+    with _short_body_server(head, ASSET) as href:
+        path = tmp_path / ("n" * 250 + ".tif")
+        asset = AssetFile("i", "c", "data", href, path, len(ASSET), None)
+        async with httpx.AsyncClient() as http:
+            [result] = await download_all(http, [asset])
+
+    assert result.status == "downloaded", result.error
+    assert path.read_bytes() == ASSET
+
+
+def test_a_file_name_too_long_for_a_file_system_is_refused_when_planning(tmp_path: Path) -> None:
+    item = {"id": "i", "assets": {"data": {"href": "https://x.example/" + "n" * 300 + ".tif"}}}
+    with pytest.raises(ValueError, match="304 characters long"):
+        plan_downloads([item], tmp_path)
 
 
 async def _small_items(emulator: CarbonMapperEmulator, count: int) -> list[dict[str, Any]]:

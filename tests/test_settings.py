@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -266,3 +267,19 @@ def test_validate_block_name_accepts(name: str, expected: str) -> None:
 def test_validate_block_name_rejects(name: str) -> None:
     with pytest.raises(ValueError, match="block name"):
         validate_block_name(name)
+
+
+def test_the_reference_table_lists_every_setting_with_its_default() -> None:
+    # docs/reference.md is what users configure from: each CM_* row must be a real setting
+    # with the stated default, and every setting must have a row.
+    reference = Path(__file__).parent.parent / "docs" / "reference.md"
+    rows = re.findall(r"^\| `(CM_[A-Z_]+)` \| `([^`]*)` \|", reference.read_text(), re.M)
+    documented = {name: default for name, default in rows}
+    fields = CarbonMapperSettings.model_fields
+    assert set(documented) == {f"CM_{name.upper()}" for name in fields}
+    for name, field in fields.items():
+        stated = documented[f"CM_{name.upper()}"]
+        default = field.default
+        if isinstance(default, float) and default.is_integer():
+            default = int(default)
+        assert stated == str(default), f"CM_{name.upper()}: docs say {stated!r}, code {default!r}"

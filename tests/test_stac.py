@@ -97,3 +97,29 @@ def test_catalog_renews_a_rejected_token_once(
     assert response.status_code == 200
     assert emu.requests(CREATE_STAC) == 1
     assert get_stac_token() == emu.issued_stac_tokens[-1]
+
+
+@pytest.mark.parametrize("fault", ["drop", "500"])
+def test_catalog_errors_do_not_carry_the_token(
+    carbon_mapper_token_block: CarbonMapperStacToken,
+    carbon_mapper_emulator: CarbonMapperEmulator,
+    fault: str,
+) -> None:
+    # pystac-client raises APIError inside its `except`: the requests error it replaces stays
+    # as __context__, with the signed request (Authorization header) attached.
+    from pystac_client.exceptions import APIError
+
+    from cm_tasks.stac import open_catalog
+    from cm_tasks.testing import Fault
+
+    from .leaks import Secrets, assert_no_leak
+
+    catalog = open_catalog()
+    failure = Fault.drop(times=10) if fault == "drop" else Fault.status(500, times=10)
+    carbon_mapper_emulator.fail("stac/search", failure)
+    with pytest.raises(APIError) as error:
+        list(catalog.search(collections=["l4a-ch4"], max_items=3).items())
+
+    assert_no_leak(
+        Secrets({"stac token": carbon_mapper_token_block.get()}), exceptions=[error.value]
+    )

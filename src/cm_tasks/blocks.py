@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 from typing import cast
 
@@ -99,8 +100,9 @@ def load_token_block(block_name: str) -> CarbonMapperStacToken | None:
     """The token block saved under block_name, or None when there is no such block.
 
     Raises:
-        TokenBlockError: the block exists but cannot be read as a token block; the message
-            never quotes the stored values.
+        TokenBlockError: the block exists but cannot be read as a token block (the message
+            never quotes the stored values), or PREFECT_API_URL answers with something that
+            is not JSON (a web page), so whether the block exists is unknown.
     """
     try:
         # _sync: a sync read even from code an event loop runs (async_dispatch would hand
@@ -113,6 +115,19 @@ def load_token_block(block_name: str) -> CarbonMapperStacToken | None:
             f"The block {block_name!r} exists but is not a readable CarbonMapperStacToken "
             "(saved with another schema?). Run the refresh-stac-token flow to write it again."
         ) from None
+    except json.JSONDecodeError:
+        # A 200 that is not JSON (a proxy's or web app's page at PREFECT_API_URL) is no
+        # "not found"; raised below, outside the except block, so the page is not kept.
+        pass
     except (ValueError, ObjectNotFound):
         return None  # Prefect's "Unable to find block document named ..."
-    return cast(CarbonMapperStacToken, block)
+    else:
+        return cast(CarbonMapperStacToken, block)
+    from prefect.settings import get_current_settings
+
+    raise TokenBlockError(
+        f"Could not read the block {block_name!r}: {get_current_settings().api.url} answered, "
+        "but not as a Prefect API (not JSON). Check PREFECT_API_URL: it ends in /api, e.g. "
+        "http://127.0.0.1:4200/api.",
+        transient=True,
+    )

@@ -253,6 +253,12 @@ def refresh(
         _fail(f"The refresh failed: {exc}")
     except (httpx.HTTPError, OSError) as exc:
         _fail(f"The refresh failed: {_prefect_error(exc)}")
+    except RuntimeError as exc:
+        # Starting the flow run, Prefect raises RuntimeError("Failed to reach API") from the
+        # connection error: an unreachable Prefect API, not a crash. Anything else is a bug.
+        if not isinstance(exc.__cause__, httpx.HTTPError | OSError):
+            raise
+        _fail(f"The refresh failed: {_prefect_error(exc.__cause__)}")
     expires_at = datetime.fromisoformat(summary["expires_at"])
     table = Table(title="STAC token refreshed", show_header=False, title_justify="left")
     table.add_row("block", summary["token_block"])

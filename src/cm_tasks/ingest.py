@@ -51,6 +51,7 @@ PROGRESS_STEP = 5.0
 PROGRESS_INTERVAL = 1.0
 """...but at most once per this many seconds: each update is a Prefect API call."""
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME_MAX = 255  # bytes in one path component on common file systems (ASCII here: chars)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ def _safe_name(value: str, what: str) -> str:
     # Names come from the API and become path components: nothing that could climb out.
     if not _SAFE_NAME.fullmatch(value) or ".." in value:
         raise ValueError(f"unsafe {what} {value!r} in a STAC item; not writing it to disk")
+    if len(value) > _NAME_MAX:
+        raise ValueError(
+            f"{what} {value[:40]!r}... in a STAC item is {len(value)} characters long; a file "
+            f"system takes at most {_NAME_MAX}: not writing it to disk"
+        )
     return value
 
 
@@ -161,6 +167,25 @@ def _bare_status_error(message: str, response: httpx.Response) -> httpx.HTTPStat
     return httpx.HTTPStatusError(message, request=request, response=copy)
 
 
+async def _request(http: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """http.request, whose transport errors (time-outs, dropped connections) carry no token.
+
+    httpx attaches the request it was sending, STAC token in its headers, to the error: the
+    error is raised again as a copy of the same type with a bare request (method and URL),
+    outside the except block so that the original is not kept as its __context__.
+    """
+    try:
+        return await http.request(method, url, **kwargs)
+    except httpx.RequestError as exc:
+        try:
+            sent = exc.request
+            bare = httpx.Request(sent.method, sent.url)
+        except RuntimeError:  # no request attached
+            bare = httpx.Request(method, http.base_url.join(url))
+        error = type(exc)(str(exc), request=bare)
+    raise error
+
+
 class _PageGuard:
     """Stops paging that repeats a request or runs past `max_pages`, with a clear error."""
 
@@ -239,7 +264,7 @@ async def iter_search(
     while request is not None:
         url, method, json_body = request
         guard.check(method, url, json_body)
-        response = await http.request(method, url, json=json_body)
+        response = await _request(http, method, url, json=json_body)
         if response.is_error:
             raise _bare_status_error(
                 f"The STAC search failed ({response.status_code} from {url}): "
@@ -315,7 +340,9 @@ async def download_one(http: httpx.AsyncClient, asset: AssetFile) -> DownloadRes
     if _complete(asset):
         return DownloadResult(asset, "skipped", asset.path.stat().st_size)
     asset.path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{asset.path.name}.", dir=asset.path.parent)
+    # The temporary name adds 10 characters: cut so that a name of the longest length a
+    # file system allows (255 bytes) still has a temporary file.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{asset.path.name[:64]}.", dir=asset.path.parent)
     try:
         written = received = 0
         with os.fdopen(fd, "wb") as out:
@@ -334,6 +361,12 @@ async def download_one(http: httpx.AsyncClient, asset: AssetFile) -> DownloadRes
                 received = response.num_bytes_downloaded
         if expected is not None and received != int(expected):
             return DownloadResult(asset, "failed", 0, f"got {received} of {expected} bytes")
+        if asset.size is not None and written != asset.size:
+            # A body without Content-Length ends when the connection closes, and a cut gzip
+            # stream decodes without error: only the item's file:size shows it is short.
+            return DownloadResult(
+                asset, "failed", 0, f"got {written} of {asset.size} bytes (the item's file:size)"
+            )
         os.replace(tmp_name, asset.path)
         tmp_name = ""
         return DownloadResult(asset, "downloaded", written)
@@ -440,7 +473,7 @@ async def fetch_plume_csv_to(
             while url is not None:
                 target = httpx.URL(url)  # URL(url, params=None) would drop url's own query
                 guard.check("GET", str(target.copy_merge_params(request_params or {})))
-                response = await http.get(url, params=request_params)
+                response = await _request(http, "GET", url, params=request_params)
                 if response.is_error:
                     raise _bare_status_error(
                         f"The plume CSV could not be fetched ({response.status_code} from {url}).",

@@ -73,7 +73,7 @@ class TokenAdapter(HTTPAdapter):
         token = get_stac_token(self.block_name, min_valid=self.min_valid, refresh=self.refresh)
         signed = request.copy()
         signed.headers["Authorization"] = f"Bearer {token}"
-        response = super().send(signed, **kwargs)
+        response = self._send(signed, **kwargs)
         if response.status_code != 401:
             return response
         renewed = renew_rejected_token(self.block_name, token, self.min_valid, refresh=self.refresh)
@@ -83,7 +83,22 @@ class TokenAdapter(HTTPAdapter):
         token = renewed
         signed = request.copy()
         signed.headers["Authorization"] = f"Bearer {token}"
-        return super().send(signed, **kwargs)
+        return self._send(signed, **kwargs)
+
+    def _send(self, signed: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        # requests attaches the signed request (token in its headers) to its errors, and
+        # pystac-client keeps that error as the __context__ of its APIError: raise a copy
+        # whose request has no Authorization, outside the except block.
+        try:
+            return super().send(signed, **kwargs)
+        except requests.RequestException as exc:
+            bare = signed.copy()
+            bare.headers.pop("Authorization", None)
+            try:
+                error = type(exc)(*exc.args, request=bare)
+            except TypeError:  # a subclass with other arguments: keep the message
+                error = requests.RequestException(str(exc), request=bare)
+        raise error
 
 
 def open_catalog(
