@@ -397,6 +397,8 @@ def deploy(
             watchdog=watchdog,
             job_variables=cast("dict[str, Any] | None", job_variables),
         )
+    except deployments.JobVariablesError as exc:  # the pool would ignore them: nothing written
+        _fail(f"Could not deploy: {exc}", EXIT_USAGE)
     except (httpx.HTTPError, OSError) as exc:
         _fail(f"Could not deploy: {_prefect_error(exc)}")
     out = _out()
