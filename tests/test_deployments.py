@@ -34,6 +34,7 @@ from cm_tasks.deployments import (
     build_deployments,
     deploy,
     deployment_specs,
+    serve,
     validate_pool_name,
 )
 
@@ -361,6 +362,30 @@ def test_deploy_to_a_container_pool_sets_the_image(
 
 
 # --- serve, as a process of its own -------------------------------------------------------------
+
+
+def test_serve_pauses_what_a_broken_prefect_shutdown_left_active(
+    no_deployments: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect 3.4's runner, stopped by SIGTERM mid-run, paused only the first deployment.
+
+    Scripted here: a Prefect `serve` that registers the deployments, then stops without
+    pausing them, as that runner does after its failed cancel.
+    """
+    import prefect
+
+    def serve_then_break(*served: Any) -> None:
+        for runner_deployment in served:
+            runner_deployment.apply()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prefect, "serve", serve_then_break)
+
+    with pytest.raises(KeyboardInterrupt):
+        serve()
+
+    for spec in DEPLOYMENTS:
+        assert _read(spec.full_name).paused is True, spec.full_name
 
 
 def test_serve_registers_the_same_deployments_and_stops_cleanly_on_sigterm(

@@ -417,4 +417,34 @@ def serve(*, watchdog: bool = True) -> None:
     """
     from prefect import serve as prefect_serve
 
-    prefect_serve(*build_deployments(watchdog=watchdog))
+    try:
+        prefect_serve(*build_deployments(watchdog=watchdog))
+    except (KeyboardInterrupt, SystemExit):
+        _pause_served(deployment_specs(watchdog))
+        raise
+    _pause_served(deployment_specs(watchdog))
+
+
+def _pause_served(specs: Sequence[DeploymentSpec]) -> None:
+    """Pause the served deployments' schedules where Prefect's shutdown did not.
+
+    Prefect 3.4's runner, stopped by SIGTERM while a run is in flight, fails cancelling it
+    ("bound to a different event loop") and stops pausing after the first deployment: the
+    other schedule stays active with nothing to run it.
+    """
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            for spec in specs:
+                try:
+                    found = client.read_deployment_by_name(spec.full_name)
+                except ObjectNotFound:
+                    continue
+                if not found.paused:
+                    client.update_deployment(found.id, DeploymentUpdate(paused=True))
+    except (httpx.HTTPError, OSError):  # the API is gone: nothing can run the schedules then
+        return
