@@ -59,7 +59,7 @@ BAD_REFRESH = {
     "lifetime-366": (["--lifetime-days", "366"], {}, "from 1 to 365"),
     "token-block": (["--token-block", "Bad_Name"], {}, "token_block is 'Bad_Name'"),
     "email-block": (["--email-block", "my email"], {}, "email_block is 'my email'"),
-    "token-name": (["--token-name", "  "], {}, "token_name is empty"),
+    "token-name": (["--token-name", "  "], {}, "token_name is blank"),
     "cm-setting": ([], {"CM_TIMEOUT": "soon"}, "CM_TIMEOUT"),
     "cm-lifetime": ([], {"CM_TOKEN_LIFETIME_DAYS": "0"}, "CM_TOKEN_LIFETIME_DAYS"),
 }
