@@ -152,3 +152,53 @@ def test_status_json_with_a_wrong_url_prints_no_status(
     )
     assert code == EXIT_CHECK_ERROR
     assert '"state"' not in output
+
+
+@pytest.fixture(scope="module")
+def ui_page_everywhere() -> Iterator[str]:
+    """A server's root as Prefect 3.2-3.4 serve it: the UI's HTML page, 200, on every GET."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!DOCTYPE html><html><title>Prefect Server</title></html>"
+            self.send_response(200)
+            self.send_header("content-type", "text/html; charset=utf-8")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            body = b'{"detail":"Method Not Allowed"}'
+            self.send_response(405)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("args", [["status"], ["deploy"]])
+def test_a_server_root_that_answers_html_is_not_a_prefect_api(
+    server: PrefectServer, ui_page_everywhere: str, args: list[str]
+) -> None:
+    """PREFECT_API_URL without /api on Prefect 3.2-3.4: status said MISSING, deploy crashed."""
+    code, output = _invoke(server, args, api_url=ui_page_everywhere)
+
+    assert code == (EXIT_CHECK_ERROR if args == ["status"] else 1), output
+    assert "does not answer as a Prefect API" in output  # a message, not an uncaught error
+    assert "MISSING" not in output
+    assert "PREFECT_API_URL" in output
+    assert "/api" in output

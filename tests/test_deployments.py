@@ -34,6 +34,7 @@ from cm_tasks.deployments import (
     build_deployments,
     deploy,
     deployment_specs,
+    serve,
     validate_pool_name,
 )
 
@@ -288,6 +289,50 @@ def test_bad_job_variables_are_refused_before_any_api_call(
     assert why in capsys.readouterr().err
 
 
+def test_an_image_for_a_missing_pool_is_refused_not_given_a_process_pool(
+    no_deployments: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--pool my-docker --job-variables '{"image": ...}'` must not create a process pool.
+
+    A process worker ignores `image` and would run the refresh on its own host.
+    """
+    pool = "cm-tasks-missing-docker-pool"
+    variables = json.dumps({"image": "registry.example/cm-tasks:0.2.0"})
+
+    with pytest.raises(SystemExit) as exited:
+        main(["deploy", "--pool", pool, "--job-variables", variables])
+    err = capsys.readouterr().err
+
+    assert exited.value.code == EXIT_USAGE, err
+    assert "image" in err
+    assert f"prefect work-pool create {pool} --type docker" in err
+    with get_client(sync_client=True) as client:
+        with pytest.raises(ObjectNotFound):
+            client.read_work_pool(pool)
+        for spec in DEPLOYMENTS:
+            with pytest.raises(ObjectNotFound):
+                client.read_deployment_by_name(spec.full_name)
+
+
+def test_a_job_variable_an_existing_pool_lacks_is_refused(
+    no_deployments: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An existing process pool has no `image` either; its own variables (env) still pass."""
+    with pytest.raises(SystemExit) as exited:
+        main(["deploy", "--no-watchdog", "--job-variables", json.dumps({"image": "x/y:1"})])
+    err = capsys.readouterr().err
+    assert exited.value.code == EXIT_USAGE, err
+    assert f"Work pool {DEFAULT_POOL!r} (process) has no job variable image" in err
+    with pytest.raises(ObjectNotFound):
+        _read(WEEKLY_REFRESH.full_name)
+
+    env = {"env": {"CM_TIMEOUT": "60"}}
+    with pytest.raises(SystemExit) as exited:
+        main(["deploy", "--no-watchdog", "--job-variables", json.dumps(env)])
+    assert exited.value.code == 0, capsys.readouterr().err
+    assert _read(WEEKLY_REFRESH.full_name).job_variables == env
+
+
 def test_deploy_to_a_container_pool_sets_the_image(
     no_deployments: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -317,6 +362,30 @@ def test_deploy_to_a_container_pool_sets_the_image(
 
 
 # --- serve, as a process of its own -------------------------------------------------------------
+
+
+def test_serve_pauses_what_a_broken_prefect_shutdown_left_active(
+    no_deployments: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect 3.4's runner, stopped by SIGTERM mid-run, paused only the first deployment.
+
+    Scripted here: a Prefect `serve` that registers the deployments, then stops without
+    pausing them, as that runner does after its failed cancel.
+    """
+    import prefect
+
+    def serve_then_break(*served: Any) -> None:
+        for runner_deployment in served:
+            runner_deployment.apply()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prefect, "serve", serve_then_break)
+
+    with pytest.raises(KeyboardInterrupt):
+        serve()
+
+    for spec in DEPLOYMENTS:
+        assert _read(spec.full_name).paused is True, spec.full_name
 
 
 def test_serve_registers_the_same_deployments_and_stops_cleanly_on_sigterm(

@@ -92,6 +92,13 @@ def _prefect_error(exc: Exception) -> str:
     )
 
 
+def _not_an_api(exc: Exception) -> str:
+    return (
+        f"{type(exc).__name__}: {_api_location()} does not answer as a Prefect API. Check "
+        "PREFECT_API_URL: it ends in /api, e.g. http://127.0.0.1:4200/api."
+    )
+
+
 def _block_option(value: str | None) -> str | None:
     if value is None:
         return None
@@ -403,8 +410,12 @@ def deploy(
             watchdog=watchdog,
             job_variables=cast("dict[str, Any] | None", job_variables),
         )
+    except deployments.JobVariablesError as exc:  # the pool would ignore them: nothing written
+        _fail(f"Could not deploy: {exc}", EXIT_USAGE)
     except (httpx.HTTPError, OSError) as exc:
         _fail(f"Could not deploy: {_prefect_error(exc)}")
+    except json.JSONDecodeError as exc:  # Prefect 3.2-3.4's UI page at the server's root
+        _fail(f"Could not deploy: {_not_an_api(exc)}")
     out = _out()
     pool_state = "created" if report.pool.created else "exists"
     out.print(
@@ -459,6 +470,8 @@ def serve(
             raise
     except (httpx.HTTPError, OSError) as exc:
         _fail(f"Could not serve: {_prefect_error(exc)}")
+    except json.JSONDecodeError as exc:  # Prefect 3.2-3.4's UI page at the server's root
+        _fail(f"Could not serve: {_not_an_api(exc)}")
     finally:
         signal.signal(signal.SIGTERM, previous)
     _out().print(

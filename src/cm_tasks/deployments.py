@@ -270,6 +270,52 @@ def ensure_work_pool(name: str = DEFAULT_POOL) -> PoolResult:
     return PoolResult(name=pool.name, type=pool.type, created=True)
 
 
+class JobVariablesError(ValueError):
+    """A job variable the work pool has no use for: its workers would silently ignore it."""
+
+
+def check_job_variables(pool: str, job_variables: Mapping[str, Any] | None) -> None:
+    """Raise JobVariablesError for a job variable the pool would not use, before any write.
+
+    Prefect stores job variables its pool's template has no use for, and its workers ignore
+    them: `--pool my-docker --job-variables '{"image": ...}'` with no such pool would create a
+    process pool, and its worker would run the refresh on its own host, not in the image.
+    """
+    if not job_variables:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            found: WorkPool | None = client.read_work_pool(pool)
+        except ObjectNotFound:
+            found = None
+    if found is None:
+        template = ProcessWorker.get_default_base_job_template()
+    else:
+        template = found.base_job_template
+    properties = template.get("variables", {}).get("properties")
+    if not isinstance(properties, dict):  # a template without a schema: nothing to check
+        return
+    unknown = sorted(set(job_variables) - set(properties))
+    if not unknown:
+        return
+    names = ", ".join(unknown)
+    if found is None:
+        raise JobVariablesError(
+            f"Work pool {pool!r} does not exist, and a missing pool is created as type "
+            f"{DEFAULT_POOL_TYPE}, which has no job variable {names}. Create the pool with its "
+            f"type first, e.g. `prefect work-pool create {pool} --type docker`, then deploy "
+            "again."
+        )
+    raise JobVariablesError(
+        f"Work pool {pool!r} ({found.type}) has no job variable {names}: its workers would "
+        f"ignore it. Its job variables are: {', '.join(sorted(properties))}."
+    )
+
+
 def _existing_deployment_ids(names: Sequence[str]) -> dict[str, UUID]:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -318,6 +364,8 @@ def deploy(
 
     Raises:
         ValueError: pool is not a valid work pool name (before any API call).
+        JobVariablesError: a job variable is one the pool (or the process pool it would
+            create) does not have (before anything is written).
 
     Example:
         ```python
@@ -328,6 +376,7 @@ def deploy(
         ```
     """
     pool = validate_pool_name(pool)
+    check_job_variables(pool, job_variables)
     pool_result = ensure_work_pool(pool)
     specs = deployment_specs(watchdog)
     existing = _existing_deployment_ids([spec.full_name for spec in specs])
@@ -368,4 +417,34 @@ def serve(*, watchdog: bool = True) -> None:
     """
     from prefect import serve as prefect_serve
 
-    prefect_serve(*build_deployments(watchdog=watchdog))
+    try:
+        prefect_serve(*build_deployments(watchdog=watchdog))
+    except (KeyboardInterrupt, SystemExit):
+        _pause_served(deployment_specs(watchdog))
+        raise
+    _pause_served(deployment_specs(watchdog))
+
+
+def _pause_served(specs: Sequence[DeploymentSpec]) -> None:
+    """Pause the served deployments' schedules where Prefect's shutdown did not.
+
+    Prefect 3.4's runner, stopped by SIGTERM while a run is in flight, fails cancelling it
+    ("bound to a different event loop") and stops pausing after the first deployment: the
+    other schedule stays active with nothing to run it.
+    """
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            for spec in specs:
+                try:
+                    found = client.read_deployment_by_name(spec.full_name)
+                except ObjectNotFound:
+                    continue
+                if not found.paused:
+                    client.update_deployment(found.id, DeploymentUpdate(paused=True))
+    except (httpx.HTTPError, OSError):  # the API is gone: nothing can run the schedules then
+        return

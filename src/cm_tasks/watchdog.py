@@ -172,6 +172,10 @@ def _confirm_not_found(block_name: str) -> None:
 
     with get_client(sync_client=True) as client:
         unhealthy = client.api_healthcheck()
+        if unhealthy is None:
+            # Prefect 3.2-3.4 serve the UI's HTML page, 200, for any unknown path: /health
+            # "succeeds" at the server's root. A Prefect API answers /hello with JSON.
+            unhealthy = _not_json(client.hello())
     if unhealthy is None:
         return
     status = getattr(getattr(unhealthy, "response", None), "status_code", None)
@@ -179,10 +183,17 @@ def _confirm_not_found(block_name: str) -> None:
     url = get_current_settings().api.url or "Prefect's local API"
     raise TokenBlockError(
         f"Could not check the token block {block_name!r}: {url} answered that it does not "
-        f"exist, but does not answer as a Prefect API ({what} on /health). Check "
+        f"exist, but does not answer as a Prefect API ({what}). Check "
         "PREFECT_API_URL: it ends in /api, e.g. http://127.0.0.1:4200/api.",
         transient=True,
     )
+
+
+def _not_json(response: Any) -> Exception | None:
+    content_type = str(response.headers.get("content-type", ""))
+    if response.status_code == 200 and content_type.startswith("application/json"):
+        return None
+    return ValueError(f"/hello answered {response.status_code} {content_type or 'untyped'}")
 
 
 def _block_name(value: str) -> str:
