@@ -152,6 +152,10 @@ class _Waiter:
             elif run.state_type == StateType.CANCELLED:
                 busy = self._busy_run(exclude=run)
                 if busy is None:
+                    # The run that held the slot may have ended between two polls, leaving
+                    # the block renewed: only a block still stale makes the cancel an error.
+                    if fresh():
+                        return
                     raise self._run_error(run, "was cancelled")
                 current_logger().info(
                     "The refresh run %r was cancelled by the concurrency limit of deployment %r; "
