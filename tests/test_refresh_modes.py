@@ -686,6 +686,38 @@ def test_a_cancelled_run_whose_running_one_already_finished_uses_its_token(
     assert token == fresh == stored_token()
 
 
+def test_a_deployment_for_another_block_says_which_setting_to_change_here(
+    on_server: PrefectServer,
+    emulator: CarbonMapperEmulator,
+    deployments: dict[str, str],
+    worker: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As `cm-tasks deploy` makes it where CM_TOKEN_BLOCK=team-token: the parameter and the
+    # worker's setting agree. This ingest process left CM_TOKEN_BLOCK unset, so its run asks
+    # for the default block and the worker's rule stops it (ParameterConflictError), whose
+    # advice (set the deployment's parameter) is already followed.
+    with get_client(sync_client=True) as client:
+        weekly = client.read_deployment_by_name(WEEKLY)
+        client.create_deployment(
+            weekly.flow_id,
+            "team",
+            work_pool_name=CREDENTIALS_POOL,
+            entrypoint=weekly.entrypoint,
+            path=weekly.path,
+            parameters={"token_block": "team-token"},
+            job_variables={"env": {"CM_TOKEN_BLOCK": "team-token"}},
+        )
+    monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/team")
+    old = _stale_token(emulator)
+
+    with pytest.raises(RefreshRunError, match="ParameterConflictError") as raised:
+        get_stac_token()
+
+    assert "set CM_TOKEN_BLOCK=team-token here" in str(raised.value)
+    assert stored_token() == old
+
+
 def _state(state_type: str) -> dict[str, Any]:
     return {"state": {"type": state_type, "message": "set by the test"}, "force": True}
 
