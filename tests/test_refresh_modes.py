@@ -649,6 +649,88 @@ def test_a_run_cancelled_by_the_concurrency_limit_waits_for_the_running_one(
     assert token == stored_token() == emulator.issued_stac_tokens[-1]
 
 
+def test_a_cancelled_run_whose_running_one_already_finished_uses_its_token(
+    on_server: PrefectServer,
+    emulator: CarbonMapperEmulator,
+    deployments: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The run holding the deployment's slot (the weekly schedule) ends between two polls of the
+    # caller: by the time it sees its own run CANCELLED, nothing is running any more, and the
+    # block already holds the new token. States are set by hand on a pool nobody serves, so the
+    # order (theirs completed, then ours cancelled) is certain.
+    with get_client(sync_client=True) as client:
+        weekly = client.read_deployment_by_name(WEEKLY)
+        race_id = client.create_deployment(
+            weekly.flow_id,
+            "cancel-race",
+            work_pool_name=IDLE_POOL,
+            entrypoint=weekly.entrypoint,
+            path=weekly.path,
+            concurrency_limit=1,
+        )
+    monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/cancel-race")
+    _stale_token(emulator)
+    fresh = mint(emulator)
+    scheduled = _api(on_server, "POST", f"deployments/{race_id}/create_flow_run", {})
+    _api(on_server, "POST", f"flow_runs/{scheduled['id']}/set_state", _state("RUNNING"))
+    since = datetime.now(timezone.utc)
+
+    def the_schedule_finishes_then_the_limit_cancels_ours() -> None:
+        deadline = time.monotonic() + 60
+        while not (ours := [r for r in _runs(on_server, str(race_id), since) if r["parameters"]]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        save_token(emulator, fresh, timedelta(days=13))
+        _api(on_server, "POST", f"flow_runs/{scheduled['id']}/set_state", _state("COMPLETED"))
+        _api(on_server, "POST", f"flow_runs/{ours[0]['id']}/set_state", _state("CANCELLED"))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        other = pool.submit(
+            contextvars.copy_context().run, the_schedule_finishes_then_the_limit_cancels_ours
+        )
+        token = get_stac_token(refresh="deployment")
+        other.result()
+
+    assert token == fresh == stored_token()
+
+
+def test_a_deployment_for_another_block_says_which_setting_to_change_here(
+    on_server: PrefectServer,
+    emulator: CarbonMapperEmulator,
+    deployments: dict[str, str],
+    worker: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As `cm-tasks deploy` makes it where CM_TOKEN_BLOCK=team-token: the parameter and the
+    # worker's setting agree. This ingest process left CM_TOKEN_BLOCK unset, so its run asks
+    # for the default block and the worker's rule stops it (ParameterConflictError), whose
+    # advice (set the deployment's parameter) is already followed.
+    with get_client(sync_client=True) as client:
+        weekly = client.read_deployment_by_name(WEEKLY)
+        client.create_deployment(
+            weekly.flow_id,
+            "team",
+            work_pool_name=CREDENTIALS_POOL,
+            entrypoint=weekly.entrypoint,
+            path=weekly.path,
+            parameters={"token_block": "team-token"},
+            job_variables={"env": {"CM_TOKEN_BLOCK": "team-token"}},
+        )
+    monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/team")
+    old = _stale_token(emulator)
+
+    with pytest.raises(RefreshRunError, match="ParameterConflictError") as raised:
+        get_stac_token()
+
+    assert "set CM_TOKEN_BLOCK=team-token here" in str(raised.value)
+    assert stored_token() == old
+
+
+def _state(state_type: str) -> dict[str, Any]:
+    return {"state": {"type": state_type, "message": "set by the test"}, "force": True}
+
+
 def test_the_refresh_deployment_must_exist(
     on_server: PrefectServer,
     emulator: CarbonMapperEmulator,

@@ -7,18 +7,22 @@ that is stopped in the middle of the outage test.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_API_URL, temporary_settings
 
 from cm_tasks import (
     CarbonMapperStacToken,
@@ -300,3 +304,35 @@ async def test_a_prefect_outage_serves_the_cached_token_with_a_warning(
             get_stac_token()  # nothing cached: nothing to serve
         assert err.value.transient
     assert_no_leak(collect_secrets(emu), texts={"log": caplog.text}, exceptions=[err.value])
+
+
+def test_a_prefect_api_that_stops_answering_serves_the_cached_token(
+    cm_env: CarbonMapperEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Not refused connections but a hung API (an overloaded server, a proxy whose backend
+    # died): it accepts connections and never answers. Prefect's client would wait its
+    # request time-out on every one of its retries while callers hold a valid token.
+    emu = cm_env
+    with running_prefect_server(tmp_path, services=False) as hung_server, _on(hung_server):
+        cached = save_token(emu, mint(emu), timedelta(minutes=50)).get()
+        assert get_stac_token(min_valid=timedelta(minutes=10)) == cached
+        stop_process_group(hung_server.process)
+        port = urlsplit(hung_server.api_url).port
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(64)  # the kernel completes connections; nobody reads or answers
+        caplog.set_level(logging.WARNING)
+        try:
+            with (
+                temporary_settings(updates={PREFECT_API_REQUEST_TIMEOUT: 60}),
+                ThreadPoolExecutor(max_workers=1) as pool,
+            ):
+                call = pool.submit(contextvars.copy_context().run, get_stac_token)
+                # A guard against hanging the suite, far above the bounded re-read (10 s);
+                # before the bound, the call took 6 x 60 s.
+                assert call.result(timeout=150) == cached
+        finally:
+            listener.close()
+    assert "Using the cached token" in caplog.text
+    assert emu.requests(CREATE_STAC) == 0

@@ -152,6 +152,10 @@ class _Waiter:
             elif run.state_type == StateType.CANCELLED:
                 busy = self._busy_run(exclude=run)
                 if busy is None:
+                    # The run that held the slot may have ended between two polls, leaving
+                    # the block renewed: only a block still stale makes the cancel an error.
+                    if fresh():
+                        return
                     raise self._run_error(run, "was cancelled")
                 current_logger().info(
                     "The refresh run %r was cancelled by the concurrency limit of deployment %r; "
@@ -254,10 +258,24 @@ class _Waiter:
             f"The refresh run {run.name!r} of deployment {self.settings.refresh_deployment!r} "
             f"{what}: {message.strip()} The token in block {self.block_name!r} was not renewed. "
             "See that run's logs in the Prefect UI, fix the cause on the refresh side "
-            "(its worker's credential blocks, `cm-tasks login`), then try again.",
+            f"(its worker's credential blocks, `cm-tasks login`), then try again.{self._hint()}",
             flow_run_name=run.name,
             flow_run_id=str(run.id),
             state_type=_state_type(run),
+        )
+
+    def _hint(self) -> str:
+        # A deployment made for another block (`cm-tasks deploy`/`serve` with CM_TOKEN_BLOCK
+        # set) fails a run asked for the default block with ParameterConflictError, whose
+        # advice is about the deployment; the setting to change is this process's.
+        params = getattr(self.deployment, "parameters", None) or {}
+        theirs = params.get(TOKEN_BLOCK_PARAMETER)
+        if not isinstance(theirs, str) or theirs == self.block_name:
+            return ""
+        return (
+            f" Note: the deployment itself renews block {theirs!r} (its {TOKEN_BLOCK_PARAMETER} "
+            f"parameter), and this process asked for {self.block_name!r} (its CM_TOKEN_BLOCK): "
+            f"if {theirs!r} is the block to use, set CM_TOKEN_BLOCK={theirs} here."
         )
 
     def _stale_after(self, run: FlowRun) -> RefreshRunError:

@@ -37,7 +37,8 @@ The rules that keep this safe where real deployments run it:
 - **Serving through a Prefect outage.** When the re-read or the refresh fails transiently
   (Prefect or the platform API unreachable, a transient API error), a cached token that has
   not expired is returned with a warning, as azure-identity does; the next attempt waits
-  `OUTAGE_RETRY_SECONDS`.
+  `OUTAGE_RETRY_SECONDS`. While such a token is cached, the re-read gets one attempt of at
+  most `OUTAGE_READ_SECONDS`, so a Prefect API that hangs does not hold callers either.
 - **One refresh at a time.** Steps 2 and 3 run under one lock per (Prefect API, block), so the
   threads and asyncio tasks of a process that need a refresh at the same moment share one.
   Across processes, step 3 holds a Prefect global concurrency lease per block
@@ -61,7 +62,12 @@ from functools import lru_cache
 import anyio.to_thread
 import httpx
 from prefect.exceptions import PrefectHTTPStatusError
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import (
+    PREFECT_API_REQUEST_TIMEOUT,
+    PREFECT_API_URL,
+    PREFECT_CLIENT_MAX_RETRIES,
+    temporary_settings,
+)
 
 from cm_tasks import _deployment_refresh
 from cm_tasks._logging import current_logger
@@ -84,6 +90,10 @@ RENEWAL_GRACE = timedelta(minutes=15)
 """A token created less than this long ago is not replaced: not on a 401, not for min_valid."""
 OUTAGE_RETRY_SECONDS = 30.0
 """After a failed re-read or refresh, the cached token is served this long without retrying."""
+OUTAGE_READ_SECONDS = 10.0
+"""Longest re-read (one attempt, no client retries) while a cached token could be served: a
+Prefect API that accepts connections but does not answer would otherwise hold every caller
+for Prefect's request time-out times its retries (6 x 60 s by default)."""
 
 _Key = tuple[str | None, str]  # (Prefect API URL, block name)
 
@@ -294,6 +304,17 @@ def _read_block(block_name: str) -> CarbonMapperStacToken | None:
     raise failure
 
 
+def _read_block_or_serve(block_name: str, servable: bool) -> CarbonMapperStacToken | None:
+    """`_read_block`, bounded to `OUTAGE_READ_SECONDS` when a cached token could be served."""
+    if not servable:
+        return _read_block(block_name)
+    timeout = min(float(PREFECT_API_REQUEST_TIMEOUT.value()), OUTAGE_READ_SECONDS)
+    with temporary_settings(
+        updates={PREFECT_API_REQUEST_TIMEOUT: timeout, PREFECT_CLIENT_MAX_RETRIES: 0}
+    ):
+        return _read_block(block_name)
+
+
 def _refresh_disabled(
     block_name: str, block: CarbonMapperStacToken | None, min_valid: timedelta, rejected: bool
 ) -> TokenBlockError:
@@ -474,7 +495,12 @@ def _slow_path(
                 return entry.block.get()  # Prefect was down moments ago: do not wait on it
         failure: Exception | None = None
         try:
-            current = _read_block(key[1])
+            servable = (
+                rejected is None
+                and entry is not None
+                and not entry.block.expires_within(timedelta(0))
+            )
+            current = _read_block_or_serve(key[1], servable)
             _settle(key, current, api_url, min_valid, rejected)
             if call.mode == "off":
                 raise _refresh_disabled(key[1], current, min_valid, rejected is not None)
