@@ -172,17 +172,33 @@ def _confirm_not_found(block_name: str) -> None:
 
     with get_client(sync_client=True) as client:
         unhealthy = client.api_healthcheck()
-    if unhealthy is None:
+        # Prefect 3.2's server serves its UI at the root, so /health there is a page of the
+        # UI (200, HTML): only a JSON answer of /hello shows that the URL is the API's.
+        ui_page = unhealthy is None and not _answers_json(client)
+    if unhealthy is None and not ui_page:
         return
     status = getattr(getattr(unhealthy, "response", None), "status_code", None)
-    what = f"{type(unhealthy).__name__}{f' {status}' if status else ''}"
+    what = (
+        "a web page on /hello"
+        if ui_page
+        else f"{type(unhealthy).__name__}{f' {status}' if status else ''} on /health"
+    )
     url = get_current_settings().api.url or "Prefect's local API"
     raise TokenBlockError(
         f"Could not check the token block {block_name!r}: {url} answered that it does not "
-        f"exist, but does not answer as a Prefect API ({what} on /health). Check "
+        f"exist, but does not answer as a Prefect API ({what}). Check "
         "PREFECT_API_URL: it ends in /api, e.g. http://127.0.0.1:4200/api.",
         transient=True,
     )
+
+
+def _answers_json(client: Any) -> bool:
+    """Whether the client's API answers /hello with JSON, as every Prefect API does."""
+    try:
+        response = client.hello()
+    except Exception:  # any failure: not an API we can trust with "not found"
+        return False
+    return str(response.headers.get("content-type", "")).startswith("application/json")
 
 
 def _block_name(value: str) -> str:
