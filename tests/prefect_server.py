@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -244,4 +245,20 @@ def running_prefect_server(
         _wait_until_healthy(server, startup_timeout)
         yield server
     finally:
+        _drain_events_workers()
         stop_process_group(process)
+
+
+def _drain_events_workers() -> None:
+    """Send this process's pending events and stop its events workers, before a server stops.
+
+    Prefect 3.2 to 3.4 keep one events worker per process for any running server: its key
+    lacks the API URL. A worker made while a test pointed PREFECT_API_URL at a temporary
+    server would otherwise keep sending every later event there, and they would be lost once
+    it stops. The next event makes a new worker for the API current then.
+    """
+    from prefect.events.worker import EventsWorker
+
+    waiting = EventsWorker.drain_all(timeout=10, at_exit=False)
+    if inspect.iscoroutine(waiting):  # in an async test: cannot wait here; they drain anyway
+        waiting.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -201,12 +202,20 @@ def test_inside_a_flow_refresh_is_task_runs_not_a_subflow(
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
             )
         )
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]})  # type: ignore[arg-type]
-        )
+        # Task runs reach the API through events, written in batches (on Prefect 3.2 the
+        # task-run records themselves come from those events): poll until they are there.
+        deadline = time.monotonic() + 60
+        while True:
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]})  # type: ignore[arg-type]
+            )
+            names = [run.name for run in task_runs]
+            if any(n.startswith("create-stac-token") for n in names):
+                break
+            assert time.monotonic() < deadline, f"no create-stac-token task run, only {names}"
+            time.sleep(0.5)
         flow_run = client.read_flow_run(flow_run_id)
     assert children == []
-    assert any(run.name.startswith("create-stac-token") for run in task_runs)
     assert_no_secrets(repr(flow_run.parameters), carbon_mapper_emulator)
 
 

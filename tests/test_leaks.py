@@ -445,6 +445,9 @@ def runner(cm_env: CarbonMapperEmulator, tmp_path: Path) -> Iterator[_Runner]:
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
+        # Results go where the scan looks. Prefect 3.4 resolves the default result directory
+        # from ~/.prefect, not from PREFECT_HOME, so name it (the default on 3.2 and 3.9).
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(home / "storage"),
         PREFECT_LOGGING_LEVEL="DEBUG",
         # Its temporary server migrates a fresh database: slow on old Prefect under load.
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",

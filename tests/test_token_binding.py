@@ -99,8 +99,15 @@ def _delete_lease_limit() -> None:
 
 
 def _occupy_lease() -> object:
-    """Take the refresh lease's slot as another process would, for 5 minutes; its lease id."""
+    """Take the refresh lease's slot as another process would, for 5 minutes; its lease id.
+
+    On a Prefect without leases (3.2) the slot is taken plainly, as `_refresh_lease` does
+    there: the id is then None.
+    """
     with get_client(sync_client=True) as client:
+        if not _refresh_lease.prefect_has_leases():
+            client.increment_concurrency_slots(names=[LEASE], slots=1, mode="concurrency")
+            return None
         response = client.increment_concurrency_slots_with_lease(
             names=[LEASE], slots=1, mode="concurrency", lease_duration=300
         )
@@ -109,7 +116,10 @@ def _occupy_lease() -> object:
 
 def _free_lease(lease_id: object) -> None:
     with get_client(sync_client=True) as client:
-        client.release_concurrency_slots_with_lease(lease_id)  # type: ignore[arg-type]
+        if lease_id is None:
+            client.release_concurrency_slots(names=[LEASE], slots=1, occupancy_seconds=1.0)
+        else:
+            client.release_concurrency_slots_with_lease(lease_id)  # type: ignore[arg-type]
 
 
 # --- item 1: a token only goes to the API its block names ---------------------------------

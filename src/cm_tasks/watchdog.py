@@ -179,7 +179,11 @@ def _confirm_not_found(block_name: str) -> None:
     if unhealthy is None:
         return
     status = getattr(getattr(unhealthy, "response", None), "status_code", None)
-    what = f"{type(unhealthy).__name__}{f' {status}' if status else ''}"
+    what = (
+        str(unhealthy)  # /hello answered, but not with JSON: a web page
+        if isinstance(unhealthy, ValueError)
+        else f"{type(unhealthy).__name__}{f' {status}' if status else ''} on /health"
+    )
     url = get_current_settings().api.url or "Prefect's local API"
     raise TokenBlockError(
         f"Could not check the token block {block_name!r}: {url} answered that it does not "
