@@ -198,7 +198,10 @@ def test_a_server_root_that_answers_html_is_not_a_prefect_api(
     code, output = _invoke(server, args, api_url=ui_page_everywhere)
 
     assert code == (EXIT_CHECK_ERROR if args == ["status"] else 1), output
-    assert "does not answer as a Prefect API" in output  # a message, not an uncaught error
+    # A message, not an uncaught error. status stops at the block read (blocks.load_token_block
+    # finds no JSON), deploy at its first API call: both say it is not a Prefect API.
+    assert "as a Prefect API" in output
+    assert "Traceback" not in output
     assert "MISSING" not in output
     assert "PREFECT_API_URL" in output
     assert "/api" in output
