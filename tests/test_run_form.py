@@ -261,6 +261,8 @@ def test_finished_refresh_shows_its_artifact_and_no_token(
     else:  # a modal of the classic UI takes the pointer; the card still opens on a click event
         card.dispatch_event("click")
     page.get_by_text("Carbon Mapper STAC token refreshed").first.wait_for()
+    # The heading can show before the markdown table under it: wait for the table's row.
+    page.get_by_text(token.name).first.wait_for()
     text = page.inner_text("body")
 
     assert re.search(rf"Token name\s+{re.escape(token.name)}", text), text
