@@ -68,7 +68,13 @@ def test_fifty_concurrent_runs_share_one_refresh(server: PrefectServer, tmp_path
             for _ in range(PROCESSES)
         ]
         try:
-            time.sleep(3)  # let the interpreters import Prefect, then start them together
+            # Every process imports Prefect and runs its warm-up first; then all start at once.
+            deadline = time.monotonic() + 180
+            while len(list(tmp_path.glob("ready-*"))) < PROCESSES:
+                exited = [p for p in processes if p.poll() is not None]
+                assert not exited, exited[0].communicate()[1][-3000:] if exited else ""
+                assert time.monotonic() < deadline, "the readers were not ready within 180 s"
+                time.sleep(0.1)
             go.touch()
             outputs = [process.communicate(timeout=300) for process in processes]
         finally:
