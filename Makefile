@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed-stamp
 # A Prefect database is for one Prefect version: each compat venv benchmarks in its own home.
 BENCH_HOME := $(if $(filter .venv,$(VENV)),$(CURDIR)/.prefect-bench,$(abspath $(VENV))/prefect-bench)
 
+# Test processes: most of the suite waits on servers and subprocesses, so two workers keep a
+# 2-core machine busy. PYTEST_WORKERS=0 runs it in one process.
+export PYTEST_WORKERS ?= 2
+
 # No telemetry from an offline machine; keeps logs clean too.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # Prefect's temporary server (no PREFECT_API_URL: make demo, subprocess tests) must start within
@@ -32,9 +36,11 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests flows bench
 	$(VENV)/bin/mypy
 
-## test: lint, type-check, then the test suite (all but the scale-out run and the wheel test)
+## test: lint, type-check, then the test suite (all but the scale-out run and the wheel test),
+##   in $(PYTEST_WORKERS) worker processes (pytest-xdist, a module per worker at a time)
 test: lint
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m "not scale_out and not wheel"
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m "not scale_out and not wheel" \
+		-n $(PYTEST_WORKERS) --dist loadfile
 
 ## screenshots: the browser test, writing the README's pictures of the run form and artifact
 screenshots: install

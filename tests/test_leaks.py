@@ -56,6 +56,7 @@ from .leaks import (
     sentinel_credentials,
     wait_for_events,
 )
+from .prefect_server import seed_migrated_database
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN_BLOCK = "carbon-mapper-stac-token"
@@ -440,6 +441,8 @@ class _Runner:
 @pytest.fixture
 def runner(cm_env: CarbonMapperEmulator, tmp_path: Path) -> Iterator[_Runner]:
     home = tmp_path / "prefect-home"
+    home.mkdir()
+    seed_migrated_database(home)  # its temporary server then has nothing to migrate
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CM_"))}
     env.update(
         PREFECT_HOME=str(home),
@@ -449,7 +452,7 @@ def runner(cm_env: CarbonMapperEmulator, tmp_path: Path) -> Iterator[_Runner]:
         # from ~/.prefect, not from PREFECT_HOME, so name it (the default on 3.2 and 3.9).
         PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(home / "storage"),
         PREFECT_LOGGING_LEVEL="DEBUG",
-        # Its temporary server migrates a fresh database: slow on old Prefect under load.
+        # Its temporary server can be slow to start on a loaded machine.
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
         CM_BASE_URL=cm_env.base_url,
         CM_RETRY_BACKOFF="0",
