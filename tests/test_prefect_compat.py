@@ -4,17 +4,21 @@
 places where cm-tasks does something version-dependent, so each runs on every version.
 """
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import prefect
 import pytest
 from packaging.version import Version
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.utilities.callables import parameter_schema
 
 from cm_tasks import TokenBlockError, _refresh_lease, refresh_stac_token
-from cm_tasks._refresh_lease import prefect_has_leases, refresh_lease
+from cm_tasks._refresh_lease import lease_name, prefect_has_leases, refresh_lease
 from cm_tasks.watchdog import check_stac_token
 
 
@@ -70,3 +74,98 @@ def test_one_lease_holder_at_a_time_on_every_version(monkeypatch: pytest.MonkeyP
         holder.join(60)
     with refresh_lease(block):
         pass
+
+
+def _busy(status: int = 500) -> PrefectHTTPStatusError:
+    """What a SQLite-backed Prefect server answers while its database is locked."""
+    request = httpx.Request("POST", "http://127.0.0.1/api/v2/concurrency_limits/decrement")
+    response = httpx.Response(status, request=request, text="database is locked")
+    return PrefectHTTPStatusError("busy", request=request, response=response)
+
+
+def _fail_first(monkeypatch: pytest.MonkeyPatch, method: str, times: int | None) -> list[int]:
+    """Make SyncPrefectClient.method answer 500 the first `times` calls (None: every call)."""
+    calls: list[int] = []
+    real = getattr(SyncPrefectClient, method)
+
+    def flaky(self: SyncPrefectClient, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if times is None or len(calls) <= times:
+            raise _busy()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncPrefectClient, method, flaky)
+    return calls
+
+
+RELEASE = (
+    "release_concurrency_slots_with_lease" if prefect_has_leases() else "release_concurrency_slots"
+)
+INCREMENT = (
+    "increment_concurrency_slots_with_lease"
+    if prefect_has_leases()
+    else "increment_concurrency_slots"
+)
+
+
+@pytest.fixture
+def short_lease_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lease wait of 3 s, and no real pauses between attempts after a busy answer."""
+    monkeypatch.setattr(_refresh_lease, "LEASE_MARGIN_SECONDS", 0.0)
+    monkeypatch.setattr(_refresh_lease, "BUSY_WAITS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(_refresh_lease, "RELEASE_WAITS", (0.0, 0.0, 0.0, 0.0, 0.0))
+    monkeypatch.setenv("CM_TIMEOUT", "0.5")
+    monkeypatch.setenv("CM_MAX_ATTEMPTS", "1")
+
+
+def test_a_slot_the_busy_api_refuses_to_take_back_at_first_is_given_back(
+    monkeypatch: pytest.MonkeyPatch, short_lease_wait: None
+) -> None:
+    # Seen on Prefect 3.2.15 with SQLite under 50 runs at once: the release answered 500
+    # "database is locked", and with no lease to lapse the slot stayed taken for good.
+    block = "compat-release-retried"
+    calls = _fail_first(monkeypatch, RELEASE, times=2)
+    with refresh_lease(block):
+        pass
+    assert len(calls) == 3
+    monkeypatch.undo()
+    with refresh_lease(block, wait_seconds=3):  # free: not the 3 s wait and a TokenBlockError
+        pass
+
+
+def test_a_slot_that_cannot_be_given_back_says_what_happens_next(
+    monkeypatch: pytest.MonkeyPatch, short_lease_wait: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    block = "compat-release-failed"
+    _fail_first(monkeypatch, RELEASE, times=None)
+    with caplog.at_level(logging.WARNING, logger="cm_tasks"), refresh_lease(block):
+        pass
+    if prefect_has_leases():
+        assert "it lapses by itself" in caplog.text
+    else:
+        assert f"prefect gcl update {lease_name(block)} --active-slots 0" in caplog.text
+    monkeypatch.undo()
+    with get_client(sync_client=True) as client:  # the slot may still be taken: remove it
+        client.delete_global_concurrency_limit_by_name(lease_name(block))
+
+
+def test_a_busy_prefect_api_is_asked_again_for_the_lease(
+    monkeypatch: pytest.MonkeyPatch, short_lease_wait: None
+) -> None:
+    calls = _fail_first(monkeypatch, INCREMENT, times=2)
+    with refresh_lease("compat-acquire-retried"):
+        pass
+    assert len(calls) == 3
+
+
+def test_a_prefect_api_that_stays_busy_is_a_transient_token_block_error(
+    monkeypatch: pytest.MonkeyPatch, short_lease_wait: None
+) -> None:
+    calls = _fail_first(monkeypatch, INCREMENT, times=None)
+    with (
+        pytest.raises(TokenBlockError, match="HTTPStatusError 500") as caught,
+        refresh_lease("compat-acquire-failed"),
+    ):
+        pass
+    assert caught.value.transient
+    assert len(calls) == 1 + len(_refresh_lease.BUSY_WAITS)

@@ -54,6 +54,10 @@ MAX_LEASE_SECONDS = 86400.0
 MIN_POLL_SECONDS = 0.5
 MAX_POLL_SECONDS = 5.0
 """Shortest and longest pause between two attempts to take a lease another process holds."""
+BUSY_WAITS = (0.5, 1.0, 2.0)
+"""Pauses between attempts to take the lease after the Prefect API answered 5xx or 429."""
+RELEASE_WAITS = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Pauses between attempts to give the slot back after a transient Prefect API error."""
 CONNECT_SECONDS = 10.0
 """The connect time-out of the token client (`CarbonMapperClient`): min(CM_TIMEOUT, 10 s)."""
 
@@ -174,10 +178,20 @@ def _retry_after(response: httpx.Response) -> float:
         return 1.0
 
 
+def _is_transient(exc: Exception) -> bool:
+    return isinstance(exc, httpx.TransportError) or _busy(exc)
+
+
+def _busy(exc: Exception) -> bool:
+    """The Prefect API answered, but cannot serve the request now (e.g. SQLite locked)."""
+    status = exc.response.status_code if isinstance(exc, PrefectHTTPStatusError) else None
+    return status in (408, 429, 500, 502, 503, 504)
+
+
 def _failure(exc: Exception, api: str | None, name: str, block_name: str) -> TokenBlockError:
     """The TokenBlockError for an error of the Prefect API while taking or making the lease."""
     status = exc.response.status_code if isinstance(exc, PrefectHTTPStatusError) else None
-    transient = isinstance(exc, httpx.TransportError) or status in (408, 429, 500, 502, 503, 504)
+    transient = _is_transient(exc)
     hint = (
         "Check that the Prefect API is reachable (PREFECT_API_URL)."
         if transient
@@ -198,11 +212,17 @@ def _acquire(
     deadline = time.monotonic() + wait
     duration = min(max(wait, MIN_LEASE_SECONDS), MAX_LEASE_SECONDS)
     recreated = False
+    busy_waits = iter(BUSY_WAITS)
     while True:
-        _ensure_limit(client, api, name)
         try:
+            _ensure_limit(client, api, name)
             limits, lease_id = _increment(client, api, name, duration)
         except PrefectHTTPStatusError as exc:
+            if _busy(exc) and (pause := next(busy_waits, None)) is not None:
+                # A SQLite-backed server answers 500 "database is locked" when many runs
+                # start at once; the next attempt usually goes through.
+                time.sleep(pause)
+                continue
             if exc.response.status_code != 423:
                 raise
             remaining = deadline - time.monotonic()
@@ -221,22 +241,46 @@ def _acquire(
 
 
 def _release(api: str | None, name: str, lease_id: Any, since: float) -> None:
-    try:
-        with get_client(sync_client=True) as client:
-            if lease_id is not None:
-                client.release_concurrency_slots_with_lease(lease_id)
-            else:
-                client.release_concurrency_slots(
-                    names=[name], slots=1, occupancy_seconds=time.monotonic() - since
-                )
-    except Exception as exc:
-        # The refresh itself is done; a lease lapses on its own (a slot without one stays
-        # taken until the limit is reset: Prefect 3.2).
+    """Give the slot back, trying again after transient errors (SQLite locks, restarts).
+
+    Without leases (Prefect 3.2) a slot that is not given back stays taken: every later
+    refresh of the block would wait its whole bound and fail. So a 500 from a busy SQLite
+    server ("database is locked"), a 503 or a dropped connection is tried again, about 15 s
+    in all, before giving up with a warning that says how to free the slot.
+    """
+    for wait in (*RELEASE_WAITS, None):
+        try:
+            with get_client(sync_client=True) as client:
+                if lease_id is not None:
+                    client.release_concurrency_slots_with_lease(lease_id)
+                else:
+                    client.release_concurrency_slots(
+                        names=[name], slots=1, occupancy_seconds=time.monotonic() - since
+                    )
+            return
+        except Exception as exc:
+            if wait is not None and _is_transient(exc):
+                time.sleep(wait)
+                continue
+            error = type(exc).__name__
+            break
+    # The refresh itself is done: warn, do not fail it.
+    if lease_id is not None:
         _logger.warning(
             "Could not release the refresh lease %r on %s (%s); it lapses by itself.",
             name,
             _where(api),
-            type(exc).__name__,
+            error,
+        )
+    else:
+        _logger.warning(
+            "Could not release the refresh slot %r on %s (%s). This Prefect has no leases, "
+            "so the slot stays taken and later refreshes of the block wait for it: free it "
+            "with `prefect gcl update %s --active-slots 0`.",
+            name,
+            _where(api),
+            error,
+            name,
         )
 
 
