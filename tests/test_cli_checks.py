@@ -37,9 +37,11 @@ def _flow_runs(server: PrefectServer) -> int:
         return len(response.json())
 
 
-def _invoke(server: PrefectServer, args: list[str], api_url: str | None = None) -> tuple[int, str]:
+def _invoke(
+    server: PrefectServer, args: list[str], api_url: str | None = None, stdin: str | None = None
+) -> tuple[int, str]:
     with temporary_settings({PREFECT_API_URL: api_url or server.api_url}):
-        result = CliRunner().invoke(app, args, terminal_width=200)
+        result = CliRunner().invoke(app, args, input=stdin, terminal_width=200)
     return result.exit_code, result.output
 
 
@@ -190,17 +192,31 @@ def ui_page_everywhere() -> Iterator[str]:
         httpd.server_close()
 
 
-@pytest.mark.parametrize("args", [["status"], ["deploy"]])
+SECRET_TYPED = "typed-password-42"
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin"),
+    [
+        (["status"], None),
+        (["deploy"], None),
+        (["login", "--email", "team@example.com"], f"{SECRET_TYPED}\n{SECRET_TYPED}\n"),
+        (["refresh"], None),
+    ],
+    ids=["status", "deploy", "login", "refresh"],
+)
 def test_a_server_root_that_answers_html_is_not_a_prefect_api(
-    server: PrefectServer, ui_page_everywhere: str, args: list[str]
+    server: PrefectServer, ui_page_everywhere: str, args: list[str], stdin: str | None
 ) -> None:
-    """PREFECT_API_URL without /api on Prefect 3.2-3.4: status said MISSING, deploy crashed."""
-    code, output = _invoke(server, args, api_url=ui_page_everywhere)
+    """PREFECT_API_URL without /api on Prefect 3.2-3.4: status said MISSING, deploy, login and
+    refresh crashed with a traceback."""
+    code, output = _invoke(server, args, api_url=ui_page_everywhere, stdin=stdin)
 
     assert code == (EXIT_CHECK_ERROR if args == ["status"] else 1), output
     # A message, not an uncaught error. status stops at the block read (blocks.load_token_block
-    # finds no JSON), deploy at its first API call: both say it is not a Prefect API.
+    # finds no JSON), the others at their first API call: all say it is not a Prefect API.
     assert "as a Prefect API" in output
+    assert SECRET_TYPED not in output.replace("Repeat the password", "")
     assert "Traceback" not in output
     assert "MISSING" not in output
     assert "PREFECT_API_URL" in output

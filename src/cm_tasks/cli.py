@@ -178,6 +178,8 @@ def login(
         Secret(value=password).save(password_name, overwrite=True)
     except (httpx.HTTPError, OSError) as exc:
         _fail(f"Could not save the Secret blocks: {_prefect_error(exc)}")
+    except json.JSONDecodeError as exc:  # Prefect 3.2-3.4's UI page at the server's root
+        _fail(f"Could not save the Secret blocks: {_not_an_api(exc)}")
     _out().print(
         f"Saved the e-mail to Secret block {email_name!r} and the password to Secret block "
         f"{password_name!r} in {_api_location()}.\n"
@@ -260,12 +262,17 @@ def refresh(
         _fail(f"The refresh failed: {exc}")
     except (httpx.HTTPError, OSError) as exc:
         _fail(f"The refresh failed: {_prefect_error(exc)}")
+    except json.JSONDecodeError as exc:  # Prefect 3.2-3.4's UI page at the server's root
+        _fail(f"The refresh failed: {_not_an_api(exc)}")
     except RuntimeError as exc:
         # Starting the flow run, Prefect raises RuntimeError("Failed to reach API") from the
         # connection error: an unreachable Prefect API, not a crash. Anything else is a bug.
-        if not isinstance(exc.__cause__, httpx.HTTPError | OSError):
+        cause = exc.__cause__
+        if isinstance(cause, json.JSONDecodeError):
+            _fail(f"The refresh failed: {_not_an_api(cause)}")
+        if not isinstance(cause, httpx.HTTPError | OSError):
             raise
-        _fail(f"The refresh failed: {_prefect_error(exc.__cause__)}")
+        _fail(f"The refresh failed: {_prefect_error(cause)}")
     expires_at = datetime.fromisoformat(summary["expires_at"])
     table = Table(title="STAC token refreshed", show_header=False, title_justify="left")
     table.add_row("block", summary["token_block"])
