@@ -67,8 +67,11 @@ def test_one_lease_holder_at_a_time_on_every_version(monkeypatch: pytest.MonkeyP
     holder.start()
     try:
         assert held.wait(60)
-        with pytest.raises(TokenBlockError, match="Waited 3 s"), refresh_lease(block):
+        with pytest.raises(TokenBlockError, match="Waited 3 s") as caught, refresh_lease(block):
             pass
+        # Without leases, waiting longer cannot help: the error says how to free the slot.
+        freeing = f"prefect gcl update {lease_name(block)} --active-slots 0"
+        assert (freeing in str(caught.value)) != prefect_has_leases()
     finally:
         release.set()
         holder.join(60)
@@ -169,3 +172,32 @@ def test_a_prefect_api_that_stays_busy_is_a_transient_token_block_error(
         pass
     assert caught.value.transient
     assert len(calls) == 1 + len(_refresh_lease.BUSY_WAITS)
+
+
+def test_a_server_without_leases_under_a_newer_client_gets_a_plain_slot(
+    monkeypatch: pytest.MonkeyPatch, short_lease_wait: None
+) -> None:
+    # A Prefect 3.4+ client against a 3.2 server: increment-with-lease answers 405 there (404
+    # was all that was handled), and every inline refresh failed. Unsupported skew (README),
+    # but it must still refresh once at a time.
+    monkeypatch.setattr(_refresh_lease, "_no_leases", set())  # this test's finding only
+    request = httpx.Request(
+        "POST", "http://127.0.0.1/api/v2/concurrency_limits/increment-with-lease"
+    )
+
+    def no_such_route(self: SyncPrefectClient, *args: Any, **kwargs: Any) -> Any:
+        response = httpx.Response(405, request=request, json={"detail": "Method Not Allowed"})
+        raise PrefectHTTPStatusError("405", request=request, response=response)
+
+    monkeypatch.setattr(
+        SyncPrefectClient, "increment_concurrency_slots_with_lease", no_such_route, raising=False
+    )
+    block = "compat-server-without-leases"
+    with (
+        refresh_lease(block),  # a plain slot, taken after the 405
+        pytest.raises(TokenBlockError, match="Waited 3 s"),
+        refresh_lease(block),  # held above: one at a time still holds
+    ):
+        pass
+    with refresh_lease(block):
+        pass

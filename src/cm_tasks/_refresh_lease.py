@@ -157,9 +157,9 @@ def _increment(
         try:
             body = with_lease(names=[name], slots=1, mode="concurrency", lease_duration=duration)
         except PrefectHTTPStatusError as exc:
-            if exc.response.status_code != 404:
+            if exc.response.status_code not in (404, 405):
                 raise
-            # A server older than its client (Prefect 3.2): no leases there.
+            # A server older than its client (Prefect 3.2, which answers 405): no leases there.
             with _ensured_lock:
                 _no_leases.add(api)
         else:
@@ -314,11 +314,21 @@ def refresh_lease(
         with get_client(sync_client=True) as client:
             lease_id, since = _acquire(client, api, name, wait)
     except TimeoutError:
+        if prefect_has_leases() and api not in _no_leases:
+            hint = (
+                "That refresh may be stuck: look for a hung process, or raise the wait with "
+                "CM_TIMEOUT / CM_MAX_ATTEMPTS."
+            )
+        else:
+            hint = (
+                "This Prefect has no leases, so a process killed while holding it keeps it: "
+                "if no process is refreshing, free it with "
+                f"`prefect gcl update {name} --active-slots 0`."
+            )
         failure = TokenBlockError(
             f"Waited {wait:.0f} s for another process's refresh of token block "
             f"{block_name!r} (lease {name!r} on {_where(api)}) without getting the lease. "
-            "That refresh may be stuck: look for a hung process, or raise the wait with "
-            "CM_TIMEOUT / CM_MAX_ATTEMPTS.",
+            f"{hint}",
             transient=True,
         )
     except LookupError:
