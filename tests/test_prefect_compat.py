@@ -201,3 +201,13 @@ def test_a_server_without_leases_under_a_newer_client_gets_a_plain_slot(
         pass
     with refresh_lease(block):
         pass
+
+
+def test_the_notification_blocks_docs_operate_names_build() -> None:
+    # docs/operate.md has failures notify through a Slack Webhook (or e-mail) block; in a team
+    # environment of Prefect 3.2 with a later apprise, building one raised TypeError.
+    from prefect.blocks.notifications import SlackWebhook
+    from pydantic import SecretStr
+
+    slack = SlackWebhook(url=SecretStr("https://hooks.slack.com/services/T0/B0/X"))
+    assert slack.url.get_secret_value().startswith("https://hooks.slack.com/")
