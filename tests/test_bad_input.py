@@ -233,3 +233,58 @@ def test_expiry_date_is_sent_as_a_date(credentials: CarbonMapperEmulator) -> Non
 
     sent = credentials.stac_token_requests[-1]["expiration_date"]
     assert sent == (datetime.now(timezone.utc).date() + timedelta(days=30)).isoformat()
+
+
+@pytest.mark.parametrize(
+    ("block", "what", "fix"),
+    [
+        ("carbon-mapper-password", "the account password", "`cm-tasks login`"),
+        (
+            "team-password",
+            "the account password",
+            "`cm-tasks login --password-block team-password`",
+        ),
+        ("team-email", "the account e-mail", "`cm-tasks login --email-block team-email`"),
+    ],
+)
+def test_a_missing_secret_block_names_the_login_that_writes_it(
+    block: str, what: str, fix: str
+) -> None:
+    # `cm-tasks login` alone writes the default blocks: for another block it was the wrong fix.
+    from cm_tasks.errors import CredentialsBlockError
+    from cm_tasks.tasks import read_secret_block
+
+    _delete_block("secret", block)
+    with pytest.raises(CredentialsBlockError) as raised:
+        read_secret_block(block, what)
+    assert fix in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("block", "fix"),
+    [
+        ("carbon-mapper-stac-token", "`prefect deployment run refresh-stac-token/weekly`"),
+        ("team-token", "`cm-tasks refresh --token-block team-token`"),
+    ],
+)
+def test_a_missing_token_block_names_the_refresh_that_writes_it(block: str, fix: str) -> None:
+    # The weekly run writes the default block: for another block it was the wrong fix.
+    from cm_tasks.watchdog import check_token
+
+    _delete_block("carbon-mapper-stac-token", block)
+    status = check_token(block, threshold_days=3)
+    assert status.message.startswith("MISSING")
+    assert fix in status.message
+
+
+def _delete_block(slug: str, name: str) -> None:
+    """Remove a block another test of this process may have saved (the harness is shared)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            document = client.read_block_document_by_name(name=name, block_type_slug=slug)
+        except ObjectNotFound:
+            return
+        client.delete_block_document(document.id)

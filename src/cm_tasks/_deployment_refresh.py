@@ -302,9 +302,8 @@ def _read_deployment(client: SyncPrefectClient, settings: CarbonMapperSettings) 
         raise ConfigurationError(
             f"CM_REFRESH_MODE is deployment, but the refresh deployment "
             f"{settings.refresh_deployment!r} does not exist on the Prefect API at "
-            f"{PREFECT_API_URL.value() or '(local)'}. Deploy the refresh-stac-token flow "
-            "(`prefect deploy --name weekly` from a checkout) or set CM_REFRESH_DEPLOYMENT to "
-            "its FLOW_NAME/DEPLOYMENT_NAME."
+            f"{PREFECT_API_URL.value() or '(local)'}. Deploy it with `cm-tasks deploy`, or "
+            "set CM_REFRESH_DEPLOYMENT to the FLOW_NAME/DEPLOYMENT_NAME of yours."
         ) from None
 
 

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from cm_tasks.blocks import CarbonMapperStacToken
 from cm_tasks.client import CarbonMapperClient
 from cm_tasks.errors import CredentialsBlockError, TokenBlockError
-from cm_tasks.settings import load_settings
+from cm_tasks.settings import DEFAULT_EMAIL_BLOCK, DEFAULT_PASSWORD_BLOCK, load_settings
 
 SAVE_RETRY_DELAYS = [1.0, 2.0, 4.0]
 
@@ -53,8 +53,15 @@ def read_secret_block(block_name: str, what: str) -> SecretStr:
         CredentialsBlockError: the block is missing, empty, or holds JSON instead of a string;
             the message names the block and how to create it.
     """
+    # `cm-tasks login` writes the default blocks; another block needs its option.
+    option, default = (
+        ("--password-block", DEFAULT_PASSWORD_BLOCK)
+        if "password" in what
+        else ("--email-block", DEFAULT_EMAIL_BLOCK)
+    )
+    login = "cm-tasks login" + ("" if block_name == default else f" {option} {block_name}")
     how_to_fix = (
-        f"Create it with `cm-tasks login`, or in Python: "
+        f"Create it with `{login}`, or in Python: "
         f"`Secret(value=...).save({block_name!r}, overwrite=True)` "
         "(from prefect.blocks.system import Secret)."
     )

@@ -37,6 +37,16 @@ REFRESH_HINT = (
 )
 
 
+def refresh_hint(token_block: str) -> str:
+    """How to refresh token_block now: the weekly run writes the default block only."""
+    if token_block == DEFAULT_TOKEN_BLOCK:
+        return REFRESH_HINT
+    return (
+        f"Run the refresh now: `cm-tasks refresh --token-block {token_block}` (or "
+        f"`prefect deployment run refresh-stac-token/weekly --param token_block={token_block}`)."
+    )
+
+
 class TokenState(str, Enum):
     """How the saved token stands; the value is also `cm-tasks status`'s exit code's name."""
 
@@ -89,16 +99,16 @@ class TokenStatus(BaseModel):
         if self.state is TokenState.MISSING:
             return (
                 f"MISSING: there is no CarbonMapperStacToken block named {self.token_block!r}. "
-                + REFRESH_HINT
+                + refresh_hint(self.token_block)
             )
         expiry = f"{self.expires_at:%Y-%m-%d %H:%M} UTC"
         what = f"The STAC token {self.token_name!r} in block {self.token_block!r}"
         if self.state is TokenState.EXPIRED:
-            return f"EXPIRED: {what} expired on {expiry}. " + REFRESH_HINT
+            return f"EXPIRED: {what} expired on {expiry}. " + refresh_hint(self.token_block)
         if self.state is TokenState.EXPIRING:
             return (
                 f"EXPIRING: {what} expires on {expiry}, in {self.days_left:.1f} days "
-                f"(threshold {self.threshold_days:g} days). " + REFRESH_HINT
+                f"(threshold {self.threshold_days:g} days). " + refresh_hint(self.token_block)
             )
         return f"OK: {what} expires on {expiry}, in {self.days_left:.1f} days."
 
