@@ -211,3 +211,39 @@ def test_the_notification_blocks_docs_operate_names_build() -> None:
 
     slack = SlackWebhook(url=SecretStr("https://hooks.slack.com/services/T0/B0/X"))
     assert slack.url.get_secret_value().startswith("https://hooks.slack.com/")
+
+
+@pytest.mark.parametrize("state", ["Scheduled", "Running"])
+def test_a_deployment_refresh_time_out_says_what_to_do_for_the_runs_state(state: str) -> None:
+    # Review on 3.2.15: a worker killed during the run left it Running and kept the
+    # deployment's concurrency slot; the caller was told the run "stays queued" and to wait
+    # longer, which cannot help.
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Running, Scheduled
+
+    from cm_tasks import load_settings
+    from cm_tasks._deployment_refresh import Attempt, _timeout
+
+    run_state = Running() if state == "Running" else Scheduled()
+    run = FlowRun(
+        flow_id=uuid4(),
+        name="stuck-run",
+        state=run_state,
+        state_type=run_state.type,
+        state_name=run_state.name,
+    )
+    deployment = SimpleNamespace(id=uuid4(), work_pool_name="carbon-mapper")
+    settings = load_settings()
+    error = _timeout(run, deployment, "team-token", settings, Attempt.start(settings))
+
+    message = str(error)
+    assert "'stuck-run'" in message
+    if state == "Running":
+        assert f"prefect gcl update deployment:{deployment.id} --active-slots 0" in message
+        assert "stays queued" not in message
+    else:
+        assert "prefect worker start --pool carbon-mapper" in message
+        assert "stays queued" in message

@@ -40,7 +40,7 @@ from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL
 
 from cm_tasks._logging import current_logger
-from cm_tasks._refresh_lease import refresh_lease
+from cm_tasks._refresh_lease import lease_name, prefect_has_leases, refresh_lease
 from cm_tasks.errors import (
     ConfigurationError,
     RefreshRunError,
@@ -354,15 +354,25 @@ def _timeout(
             f"was scheduled but not picked up by any worker within {attempt.timeout:g} s. "
             f"It waits on {where}"
         )
+        then = (
+            "the run stays queued and the next caller waits for it. Raise CM_REFRESH_TIMEOUT "
+            "to wait longer."
+        )
     else:
         what = (
             f"is still {run.state_name or _state_type(run)} after {attempt.timeout:g} s "
             f"(work pool {pool!r}); see its logs in the Prefect UI"
         )
+        # A run whose worker died stays Running; before Prefect 3.4 it also keeps the
+        # deployment's concurrency slot for good, so that every later run is cancelled.
+        then = (
+            "if the run's worker is gone, free the deployment's concurrency slot "
+            f"(`prefect gcl update deployment:{deployment.id} --active-slots 0`, needed on "
+            "Prefect before 3.4); otherwise raise CM_REFRESH_TIMEOUT to wait longer."
+        )
     return RefreshTimeoutError(
         f"The refresh run {run.name!r} of deployment {settings.refresh_deployment!r} {what}. "
-        f"The token in block {block_name!r} was not renewed; the run stays queued and the next "
-        "caller waits for it. Raise CM_REFRESH_TIMEOUT to wait longer.",
+        f"The token in block {block_name!r} was not renewed; {then}",
         flow_run_name=run.name,
         flow_run_id=str(run.id),
         state_type=_state_type(run),
@@ -383,10 +393,17 @@ def _lease_timeout(
                     return _timeout(run, waiter.deployment, block_name, settings, attempt)
     except Exception:  # only a better message was at stake  # noqa: S110
         pass
+    stuck = (
+        ""
+        if prefect_has_leases()
+        else " This Prefect has no leases: if no caller is waiting any more, a killed one "
+        f"kept the lease; free it with `prefect gcl update {lease_name(block_name)} "
+        "--active-slots 0`."
+    )
     return RefreshTimeoutError(
         f"Waited {attempt.timeout:g} s (CM_REFRESH_TIMEOUT) for another caller's refresh of "
         f"block {block_name!r} without the block being renewed. Check the latest run of the "
         f"deployment {settings.refresh_deployment!r} in the Prefect UI, and that a worker "
-        "serves its work pool.",
+        f"serves its work pool.{stuck}",
         transient=True,
     )
