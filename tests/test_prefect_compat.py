@@ -247,3 +247,41 @@ def test_a_deployment_refresh_time_out_says_what_to_do_for_the_runs_state(state:
     else:
         assert "prefect worker start --pool carbon-mapper" in message
         assert "stays queued" in message
+
+
+def test_a_deployment_refresh_run_is_created_once_when_prefect_sends_the_post_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Seen once on Prefect 3.2.15 under load: one caller's refresh made two runs, the second
+    # cancelled by CANCEL_NEW. Prefect's client sends a POST again after a read time-out; the
+    # idempotency key makes the server answer the second with the first run.
+    from types import SimpleNamespace
+
+    from cm_tasks import load_settings
+    from cm_tasks._deployment_refresh import Attempt, _Waiter
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("compat-idempotent-refresh")
+        deployment_id = client.create_deployment(flow_id=flow_id, name="weekly")
+        real = SyncPrefectClient.create_flow_run_from_deployment
+        keys: list[str | None] = []
+
+        def sent_twice(self: SyncPrefectClient, *args: Any, **kwargs: Any) -> Any:
+            keys.append(kwargs.get("idempotency_key"))
+            real(self, *args, **kwargs)  # the response that never arrived
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(SyncPrefectClient, "create_flow_run_from_deployment", sent_twice)
+        settings = load_settings()
+        waiter = _Waiter(client, settings, "team-token", Attempt.start(settings))
+        waiter.deployment = SimpleNamespace(id=deployment_id)
+        first, second = waiter._start_run(), waiter._start_run()
+        runs = client.read_flow_runs()
+
+    assert first.id != second.id
+    # Two runs, not four: each repeated POST returned its first run.
+    assert sorted(str(r.id) for r in runs if r.deployment_id == deployment_id) == sorted(
+        [str(first.id), str(second.id)]
+    )
+    assert None not in keys
+    assert len(set(keys)) == 2

@@ -479,12 +479,22 @@ def test_three_ingest_processes_share_one_refresh_run_and_never_read_a_secret(
     assert emulator.requests(TOKEN_PAIR) - pairs == 1
     assert emulator.requests(CREATE_STAC) - creates == 1
     runs = _runs(server, deployments[WEEKLY], since)
-    assert [(r["state_type"], r["parameters"]) for r in runs] == [
+    # One run did the refresh. Once in CI on Prefect 3.2.15 under load, a second run of the
+    # same block appeared and was cancelled by the deployment's limit (CANCEL_NEW), which the
+    # callers then waited past as designed: still one token. Such a run may only be a
+    # cancelled duplicate (the run creation now carries an idempotency key against the one
+    # known cause, Prefect's client sending the POST again).
+    completed = [r for r in runs if r["state_type"] == "COMPLETED"]
+    assert [(r["state_type"], r["parameters"]) for r in completed] == [
         ("COMPLETED", {"token_block": TOKEN_BLOCK})
     ]
+    assert {(r["state_type"], r["parameters"]["token_block"]) for r in runs} <= {
+        ("COMPLETED", TOKEN_BLOCK),
+        ("CANCELLED", TOKEN_BLOCK),
+    }
     # A separate flow run, not a subflow of an ingest run.
-    assert runs[0]["parent_task_run_id"] is None
-    assert len(_refreshed_events(server, runs[0]["id"])) == 1
+    assert completed[0]["parent_task_run_id"] is None
+    assert len(_refreshed_events(server, completed[0]["id"])) == 1
     _assert_no_credential_access(outputs, emulator)
     _leak_scan(outputs, emulator, account, server)
 
@@ -492,7 +502,8 @@ def test_three_ingest_processes_share_one_refresh_run_and_never_read_a_secret(
     per_process = [f"{max(r['waited'] for r in report['results']):.1f}" for report in outputs]
     print(
         "\n3-process deployment refresh: "
-        f"refresh runs={len(runs)}, token/pair={emulator.requests(TOKEN_PAIR) - pairs}, "
+        f"refresh runs={len(runs)} ({len(completed)} completed), "
+        f"token/pair={emulator.requests(TOKEN_PAIR) - pairs}, "
         f"create-stac={emulator.requests(CREATE_STAC) - creates} (token/pair held 8 s), "
         f"HTTP requests per ingest process={[len(r['sent']) for r in outputs]} "
         f"(Prefect API + 8 downloads), caller waits: min {waits[0]:.1f} s, median "

@@ -26,6 +26,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from uuid import uuid4
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
@@ -227,6 +228,10 @@ class _Waiter:
             # Only a block name: flow-run parameters are stored in plain text. No
             # parent_task_run_id: a separate flow run, never a subflow of the caller's run.
             parameters={TOKEN_BLOCK_PARAMETER: self.block_name},
+            # Prefect's client sends the POST again after a read time-out or a dropped
+            # connection; on a busy server the first may have made the run already. The key
+            # makes the second return that run instead of a duplicate that CANCEL_NEW cancels.
+            idempotency_key=f"cm-tasks-refresh-{uuid4()}",
         )
         current_logger().info(
             "The STAC token in block %r is missing or about to expire: started run %r of "
