@@ -22,6 +22,8 @@ import pytest
 from prefect.blocks.system import Secret
 from prefect.testing.utilities import prefect_test_harness
 
+from .prefect_server import PrefectServer, running_prefect_server
+
 if TYPE_CHECKING:
     from cm_tasks.testing import CarbonMapperEmulator
 
@@ -65,3 +67,19 @@ def credentials(cm_env: CarbonMapperEmulator) -> CarbonMapperEmulator:
     Secret(value=cm_env.email).save(EMAIL_BLOCK, overwrite=True)
     Secret(value=cm_env.password).save(PASSWORD_BLOCK, overwrite=True)
     return cm_env
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[CarbonMapperEmulator]:
+    """One emulator shared by a module's tests (its counters add up across them)."""
+    from cm_tasks.testing import CarbonMapperEmulator
+
+    with CarbonMapperEmulator() as emu:
+        yield emu
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """One real `prefect server start` shared by a module's tests (deployments, workers)."""
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-server")) as running:
+        yield running

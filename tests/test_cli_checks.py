@@ -20,14 +20,7 @@ from cm_tasks.cli import EXIT_CHECK_ERROR, EXIT_USAGE, app
 from cm_tasks.testing import CarbonMapperEmulator
 from cm_tasks.watchdog import TokenState
 
-from .prefect_server import PrefectServer, running_prefect_server
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """One real Prefect server for the module (no blocks, no flow runs of its own)."""
-    with running_prefect_server(tmp_path_factory.mktemp("cli-checks-server")) as running:
-        yield running
+from .prefect_server import PrefectServer
 
 
 def _flow_runs(server: PrefectServer) -> int:

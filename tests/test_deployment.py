@@ -51,12 +51,6 @@ def using(server: PrefectServer) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[CarbonMapperEmulator]:
-    with CarbonMapperEmulator() as emu:
-        yield emu
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     with running_prefect_server(tmp_path_factory.mktemp("prefect-server")) as running:
         yield running

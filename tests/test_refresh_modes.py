@@ -55,7 +55,6 @@ from .leaks import Secrets, assert_no_leak, collect_secrets, sentinel_credential
 from .prefect_server import (
     PrefectServer,
     prefect_executable,
-    running_prefect_server,
     stop_process_group,
 )
 from .token_helpers import CREATE_STAC, mint, save_token, stored_token
@@ -95,18 +94,6 @@ def using(server: PrefectServer) -> Iterator[None]:
             yield
     finally:
         EventsWorker.drain_all(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[CarbonMapperEmulator]:
-    with CarbonMapperEmulator() as emu:
-        yield emu
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    with running_prefect_server(tmp_path_factory.mktemp("refresh-modes-server")) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from prefect.blocks.system import Secret
 from cm_tasks.testing import CarbonMapperEmulator
 
 from .conftest import EMAIL_BLOCK, PASSWORD_BLOCK, TOKEN_BLOCK
-from .prefect_server import PrefectServer, running_prefect_server
+from .prefect_server import PrefectServer
 from .test_deployment import (
     DAILY,
     POOL,
@@ -139,18 +139,6 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = Path(wanted) if wanted else tmp_path_factory.mktemp("screenshots")
     directory.mkdir(parents=True, exist_ok=True)
     return directory
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[CarbonMapperEmulator]:
-    with CarbonMapperEmulator() as emu:
-        yield emu
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    with running_prefect_server(tmp_path_factory.mktemp("prefect-server")) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -57,13 +57,6 @@ LEASE = lease_name(TOKEN_BLOCK)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """A second Prefect API: a real `prefect server start`, shared by this module's tests."""
-    with running_prefect_server(tmp_path_factory.mktemp("binding-server")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def _other_emulator_session() -> Iterator[CarbonMapperEmulator]:
     with CarbonMapperEmulator() as emulator:
         yield emulator
