@@ -100,13 +100,18 @@ async def test_async_client_concurrent_401s_share_one_refresh(
     emu = carbon_mapper_emulator
     save_token(emu, REVOKED, timedelta(days=10))
     _, _, path = _asset_path(emu)
+    emu.latency = 0.5  # all 8 are sent before the first 401 comes back, even on a busy machine
 
     async with async_stac_http_client() as http:
         responses = await asyncio.gather(*(http.get(path) for _ in range(8)))
 
     assert [r.status_code for r in responses] == [200] * 8
     assert emu.requests(CREATE_STAC) == 1
-    assert emu.requests(path) == 16
+    statuses = [status for _, logged, status in emu.request_log if logged == path]
+    # Each 401 is retried once with the new token. A request a starved event loop sends only
+    # after the renewal goes once (CI saw 2 of 8 do so without the latency).
+    assert statuses.count(200) == 8
+    assert statuses.count(401) == len(statuses) - 8 >= 4
 
 
 def test_token_goes_only_to_the_api_origin(
