@@ -254,9 +254,9 @@ def test_finished_refresh_shows_its_artifact_and_no_token(
     # after it first shows (CI saw the table gone again): these assertions retry until it settles.
     for shown in (
         "Carbon Mapper STAC token refreshed",
-        rf"Token name\s+{re.escape(token.name)}",
+        rf"Token name\s+{re.escape(token.name)}\s",
         rf"Expires\s+{token.expires_at:%Y-%m-%d %H:%M} UTC",
-        rf"Block\s+{TOKEN_BLOCK}",
+        rf"Block\s+{re.escape(TOKEN_BLOCK)}\s",
     ):
         expect(page.locator("body")).to_contain_text(
             re.compile(shown), use_inner_text=True, timeout=PAGE_TIMEOUT_MS
