@@ -10,6 +10,7 @@ block, boundary values, and CM_* mistakes seen through the flow. A user mistake 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
@@ -35,6 +36,7 @@ from cm_tasks.settings import InsecureBaseURLWarning
 from cm_tasks.testing import CarbonMapperEmulator
 
 from .leaks import assert_no_leak, collect_secrets
+from .token_helpers import is_days_after_today, utc_today
 
 EMAIL_BLOCK = "carbon-mapper-email"
 PASSWORD_BLOCK = "carbon-mapper-password"
@@ -229,10 +231,12 @@ def test_wrongly_typed_parameter_is_refused_by_prefect_before_the_run(
 
 
 def test_expiry_date_is_sent_as_a_date(credentials: CarbonMapperEmulator) -> None:
+    since = utc_today()
     refresh_stac_token(lifetime_days=30)
 
     sent = credentials.stac_token_requests[-1]["expiration_date"]
-    assert sent == (datetime.now(timezone.utc).date() + timedelta(days=30)).isoformat()
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", sent)
+    assert is_days_after_today(date.fromisoformat(sent), 30, since=since)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -29,6 +29,7 @@ from cm_tasks._jwt import decode_claims
 from cm_tasks.testing import CarbonMapperEmulator
 
 from .leaks import assert_no_leak, collect_secrets
+from .token_helpers import is_days_after_today, utc_today
 
 TOKEN_BLOCK = "carbon-mapper-stac-token"
 # Different lifetimes tell the two runs apart by the token's own exp claim.
@@ -44,13 +45,13 @@ def _delete_token_block() -> None:
         client.delete_block_document(document.id)
 
 
-def _assert_consistent(emulator: CarbonMapperEmulator) -> CarbonMapperStacToken:
+def _assert_consistent(emulator: CarbonMapperEmulator, since: date) -> CarbonMapperStacToken:
     block = CarbonMapperStacToken.load(TOKEN_BLOCK)
     assert block.get() in emulator.issued_stac_tokens
     exp = datetime.fromtimestamp(decode_claims(block.get())["exp"], timezone.utc)  # type: ignore[index]
     assert block.expires_at == exp
     lifetime = RUNS[block.name]
-    assert exp.date() == datetime.now(timezone.utc).date() + timedelta(days=lifetime)
+    assert is_days_after_today(exp.date(), lifetime, since=since)
     # the emulator's record of the request that made this token
     requests = {r["name"]: r["expiration_date"] for r in emulator.stac_token_requests}
     assert requests[block.name] == exp.date().isoformat()
@@ -104,11 +105,12 @@ def test_two_inline_refreshes_at_once(
         request = resolve_request(settings, token_name=name, lifetime_days=days)
         return run_refresh(request, settings)
 
+    since = utc_today()
     tokens = _both(run)
 
     assert sorted(saves_in_lockstep) == sorted(RUNS)
     assert len(credentials.issued_stac_tokens) == 2
-    block = _assert_consistent(credentials)
+    block = _assert_consistent(credentials, since)
     assert block.get() in {t.get() for t in tokens}
     assert_no_leak(collect_secrets(credentials), texts={"block": repr(block)})
 
@@ -117,10 +119,11 @@ def test_two_flow_runs_at_once(credentials: CarbonMapperEmulator) -> None:
     def run(name: str, days: int) -> Any:
         return refresh_stac_token(token_name=name, lifetime_days=days, return_state=True)
 
+    since = utc_today()
     states = _both(run)
 
     assert all(state.is_completed() for state in states)
     assert credentials.requests("account/tokens/create-stac") == 2
-    block = _assert_consistent(credentials)
+    block = _assert_consistent(credentials, since)
     summaries = {state.result()["token_name"]: state.result() for state in states}
     assert summaries[block.name]["expires_at"].startswith(block.expires_at.date().isoformat())

@@ -199,12 +199,16 @@ def test_create_stac_rejects_a_stac_token_as_credentials(client, stac_token):
         {"name": None},
         {"expiration_date": "07/01/2030"},
         {"expiration_date": "2030-02-30"},
-        {"expiration_date": _in_days(0)},
-        {"expiration_date": _in_days(-3)},
-        {"expiration_date": _in_days(366)},
+        {"expiration_date": 0},
+        {"expiration_date": -3},
+        {"expiration_date": 366},
     ],
 )
 def test_create_stac_rejects_bad_input_with_422(client, emu, body):
+    # A day count becomes a date here, not at collection: a run that crosses midnight UTC
+    # would otherwise send 366 days ahead of yesterday, which is valid.
+    if isinstance(body.get("expiration_date"), int):
+        body = {**body, "expiration_date": _in_days(body["expiration_date"])}
     response = _create_stac(client, _access(client, emu), **body)
 
     assert response.status_code == 422
@@ -328,7 +332,7 @@ def test_fault_delay_triggers_read_timeout_then_recovers(client, emu):
     with pytest.raises(httpx.ReadTimeout):
         client.post("token/pair", json={"email": emu.email, "password": emu.password}, timeout=0.2)
 
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 3  # gave up before the delayed answer came
     assert _login(client, emu).status_code == 200
 
 

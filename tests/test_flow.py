@@ -26,6 +26,7 @@ from cm_tasks._jwt import decode_claims
 from cm_tasks.testing import CarbonMapperEmulator, Fault
 
 from .conftest import EMAIL_BLOCK, PASSWORD_BLOCK, TOKEN_BLOCK
+from .token_helpers import is_days_after_today, utc_today
 
 
 def _delete_block(name: str) -> None:
@@ -66,6 +67,7 @@ def _assert_no_secrets(text: str, emulator: CarbonMapperEmulator) -> None:
 def test_refresh_saves_the_issued_token(
     credentials: CarbonMapperEmulator, no_token_block: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    since = utc_today()
     state = refresh_stac_token(token_name="nightly-ingest", return_state=True)
 
     summary = state.result()
@@ -77,7 +79,7 @@ def test_refresh_saves_the_issued_token(
     assert block.scopes == ["stac", "catalog:read"]
     exp = decode_claims(block.get())["exp"]  # type: ignore[index]
     assert block.expires_at == datetime.fromtimestamp(exp, timezone.utc)
-    assert block.expires_at.date() == datetime.now(timezone.utc).date() + timedelta(days=14)
+    assert is_days_after_today(block.expires_at.date(), 14, since=since)
     assert summary == {
         "token_block": TOKEN_BLOCK,
         "token_name": "nightly-ingest",
@@ -94,12 +96,13 @@ def test_refresh_saves_the_issued_token(
 def test_second_run_rotates_the_token(credentials: CarbonMapperEmulator) -> None:
     refresh_stac_token()
     first = CarbonMapperStacToken.load(TOKEN_BLOCK).get()
+    since = utc_today()
     refresh_stac_token(lifetime_days=30)
     second = CarbonMapperStacToken.load(TOKEN_BLOCK)
 
     assert second.get() != first
     assert second.get() == credentials.issued_stac_tokens[-1]
-    assert second.expires_at.date() == datetime.now(timezone.utc).date() + timedelta(days=30)
+    assert is_days_after_today(second.expires_at.date(), 30, since=since)
 
 
 def test_default_token_name_has_utc_date_and_time(credentials: CarbonMapperEmulator) -> None:

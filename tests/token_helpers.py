@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
@@ -13,6 +13,18 @@ from cm_tasks.testing import CarbonMapperEmulator
 
 TOKEN_BLOCK = "carbon-mapper-stac-token"
 CREATE_STAC = "account/tokens/create-stac"
+
+
+def utc_today() -> date:
+    return datetime.now(timezone.utc).date()
+
+
+def is_days_after_today(day: date, days: int, *, since: date) -> bool:
+    """Whether ``day`` is ``days`` after the UTC date of a call that began on ``since``.
+
+    A call that crosses midnight UTC may use either date: both are accepted, nothing else.
+    """
+    return since <= day - timedelta(days=days) <= utc_today()
 
 
 def save_token(
