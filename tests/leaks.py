@@ -370,7 +370,7 @@ def read_events(
     return events
 
 
-def wait_for_events(flow_run_id: UUID | str, *, timeout: float = 20.0) -> list[dict[str, Any]]:
+def wait_for_events(flow_run_id: UUID | str, *, timeout: float = 60.0) -> list[dict[str, Any]]:
     """Poll until the API has persisted the terminal state event of a flow run.
 
     Events are written in batches: a scan right after a run may not see them yet.

@@ -151,7 +151,8 @@ def test_scanner_walks_chains_into_attached_requests_and_responses(where: str) -
 
 
 def _emulator_client(emulator: CarbonMapperEmulator, **kwargs: Any) -> CarbonMapperClient:
-    return CarbonMapperClient(emulator.base_url, timeout=0.5, sleep=lambda _: None, **kwargs)
+    # 1.5 s: far above a normal answer on a busy machine, far below the delay faults' 4 s
+    return CarbonMapperClient(emulator.base_url, timeout=1.5, sleep=lambda _: None, **kwargs)
 
 
 @pytest.mark.parametrize("fault", ["drop", "timeout", "malformed"])
@@ -165,7 +166,7 @@ def test_token_call_errors_hold_no_request_with_a_secret(
     cut = json.dumps({"access": echoed, "token_value": echoed, "refresh": "x"})[:-12]
     make = {
         "drop": lambda: Fault.drop(times=2),
-        "timeout": lambda: Fault.delay(2.0, times=2),
+        "timeout": lambda: Fault.delay(4.0, times=2),
         "malformed": lambda: Fault.status(200, cut, content_type="application/json"),
     }[fault]
     errors: list[BaseException] = []

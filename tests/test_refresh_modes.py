@@ -629,8 +629,9 @@ def test_a_run_cancelled_by_the_concurrency_limit_waits_for_the_running_one(
     _stale_token(emulator)
     creates = emulator.requests(CREATE_STAC)
     since = datetime.now(timezone.utc)
-    # The weekly schedule (or a Quick run) is busy: its token/pair answer takes a while.
-    emulator.fail(TOKEN_PAIR, Fault.delay(6))
+    # The weekly schedule (or a Quick run) is busy: its token/pair answer takes a while, long
+    # enough on a loaded machine for our run to reach the worker before it ends.
+    emulator.fail(TOKEN_PAIR, Fault.delay(15))
     scheduled = _api(on_server, "POST", f"deployments/{deployments[WEEKLY]}/create_flow_run", {})
     running = _wait_for_state(on_server, scheduled["id"], {"RUNNING"})
     assert running["state_type"] == "RUNNING"
