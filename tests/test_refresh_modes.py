@@ -275,10 +275,17 @@ def _run_ingest(
             start_new_session=True,
         )
         started.append((process, home))
-    time.sleep(3)  # let every interpreter import Prefect before the start signal
-    go.touch()
     outputs = []
     try:
+        # Every interpreter imports Prefect first (seconds on a loaded machine); then all start
+        # at once. A late starter would otherwise miss a refresh run that already ended.
+        deadline = time.monotonic() + 180
+        while len(list(tmp_path.glob("ready-*"))) < processes:
+            exited = [process for process, _ in started if process.poll() is not None]
+            assert not exited, exited[0].communicate()[1].decode(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "the ingest processes were not ready in 180 s"
+            time.sleep(0.1)
+        go.touch()
         for process, home in started:
             out, err = process.communicate(timeout=PROCESS_TIMEOUT)
             assert process.returncode == 0, err.decode(errors="replace")[-3000:]

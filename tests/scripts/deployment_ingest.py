@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -88,6 +89,7 @@ def ingest(asset_url: str, tasks: int) -> list[dict[str, Any]]:
 
 def main() -> int:
     tasks, go_file, asset_url = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    (go_file.parent / f"ready-{os.getpid()}").touch()  # Prefect and cm_tasks are imported
     deadline = time.monotonic() + 120
     while not go_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
