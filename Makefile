@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # 20 s by default; a busy 2-core machine can take longer.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test e2e compat wheel-test dist bench screenshots lint format clean
+.PHONY: install demo test test-unit e2e compat wheel-test dist bench screenshots lint format clean
 
 install: $(STAMP)
 
@@ -36,20 +36,34 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests flows bench
 	$(VENV)/bin/mypy
 
-## test: lint, type-check, then the test suite (all but the scale-out run and the wheel test),
+# The tiers (docs/development.md): tests/unit (no Prefect API, no process, no network),
+# tests/integration (one Prefect test harness per process, the emulator over HTTP) and
+# tests/e2e (real servers, workers, processes, browser). The scale-out run and the wheel test
+# are e2e tests selected by their markers (make e2e, make wheel-test), not run by make test.
+TEST_ENV := env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test
+NOT_SLOW := -m "not scale_out and not wheel"
+
+## test-unit: the unit tier alone (seconds; no Prefect server: PREFECT_API_URL is a closed port)
+test-unit: install
+	env PREFECT_API_URL=http://127.0.0.1:9/api PREFECT_HOME=$(CURDIR)/.prefect-test \
+		$(PY) -m pytest -q tests/unit
+
+## test: lint, type-check, then all three tiers (all but the scale-out run and the wheel test),
 ##   in $(PYTEST_WORKERS) worker processes (pytest-xdist, a module per worker at a time)
 test: lint
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m "not scale_out and not wheel" \
-		-n $(PYTEST_WORKERS) --dist loadfile
+	$(TEST_ENV) $(PY) -m pytest -q $(NOT_SLOW) -n $(PYTEST_WORKERS) --dist loadfile \
+		tests/unit tests/integration tests/e2e
+	@test -x /usr/bin/chromium || echo "make test: the browser test (tests/e2e/test_run_form.py)" \
+		"was skipped: no /usr/bin/chromium. Install it: apt-get update && apt-get install -y chromium"
 
 ## screenshots: the browser test, writing the README's pictures of the run form and artifact
 screenshots: install
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test CM_TEST_SCREENSHOTS_DIR=$(CURDIR)/docs/img \
-		$(PY) -m pytest -q tests/test_run_form.py
+	$(TEST_ENV) CM_TEST_SCREENSHOTS_DIR=$(CURDIR)/docs/img CM_TEST_REQUIRE_BROWSER=1 \
+		$(PY) -m pytest -q tests/e2e/test_run_form.py
 
 ## e2e: the scale-out run: PostgreSQL 15 + prefect server + two workers (needs postgresql-15)
 e2e: install
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m scale_out
+	$(TEST_ENV) $(PY) -m pytest -q -m scale_out tests/e2e
 
 ## compat: the suite on every supported Prefect (client and server), one venv each under .compat/
 ##   (built once per constraints/prefect-X.Y.txt); one version: make compat PREFECT=3.2
@@ -58,7 +72,7 @@ compat:
 
 ## wheel-test: build the wheel, install it into a fresh venv, deploy/serve it from empty directories
 wheel-test: install
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect-test $(PY) -m pytest -q -m wheel
+	$(TEST_ENV) $(PY) -m pytest -q -m wheel tests/e2e
 
 ## dist: sdist and wheel into dist/, checked with twine
 dist: install

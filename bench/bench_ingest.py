@@ -257,7 +257,7 @@ def main() -> int:
     server = None
     if not args.no_server:
         sys.path.insert(0, str(ROOT))
-        from tests.prefect_server import running_prefect_server
+        from tests.support.prefect_server import running_prefect_server
 
         with (
             tempfile.TemporaryDirectory() as tmp,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import report  # noqa: E402
-from tests.prefect_server import running_prefect_server  # noqa: E402
+from tests.support.prefect_server import running_prefect_server  # noqa: E402
 
 
 def main() -> int:

@@ -31,7 +31,7 @@ def main() -> int:
     # Against a real `prefect server start`, as users run flows; PREFECT_API_URL must be set
     # before Prefect is imported.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.prefect_server import running_prefect_server
+    from tests.support.prefect_server import running_prefect_server
 
     with (
         tempfile.TemporaryDirectory() as tmp,

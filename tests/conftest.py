@@ -1,7 +1,10 @@
-"""Shared fixtures: one Prefect test harness per session, the emulator, and credentials.
+"""Fixtures of every tier: a clean environment, the emulator, and (on request) a Prefect API.
 
-The `carbon_mapper_emulator` fixture comes from the package's own pytest plugin
-(`cm_tasks.testing.pytest_plugin`), the same one downstream users get.
+The tiers (tests/unit, tests/integration, tests/e2e) each have a conftest of their own;
+tests/integration and tests/e2e turn the session's `prefect_api` on for each of their tests,
+tests/unit never does. The emulator fixtures (`carbon_mapper_emulator`, `carbon_mapper_env`,
+`carbon_mapper_credentials`, `carbon_mapper_token_block`) come from the package's own pytest
+plugin (`cm_tasks.testing.pytest_plugin`), the one downstream users get.
 """
 
 from __future__ import annotations
@@ -19,22 +22,16 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from prefect.blocks.system import Secret
-from prefect.testing.utilities import prefect_test_harness
-
-from .prefect_server import PrefectServer, running_prefect_server
 
 if TYPE_CHECKING:
     from cm_tasks.testing import CarbonMapperEmulator
 
-EMAIL_BLOCK = "carbon-mapper-email"
-PASSWORD_BLOCK = "carbon-mapper-password"
-TOKEN_BLOCK = "carbon-mapper-stac-token"
 
-
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(scope="session")
 def prefect_api() -> Iterator[None]:
-    """A real Prefect API (temporary SQLite database) for the whole test session."""
+    """A real Prefect API (temporary SQLite database), started once per test process."""
+    from prefect.testing.utilities import prefect_test_harness
+
     # Usually 10-20 s, but a fresh database runs every migration (slower on old Prefect) and a
     # shared 2-core machine can take minutes: a time-out here errors every test at once.
     with prefect_test_harness(server_startup_timeout=240):
@@ -50,25 +47,6 @@ def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture
-def cm_env(
-    monkeypatch: pytest.MonkeyPatch, carbon_mapper_emulator: CarbonMapperEmulator
-) -> CarbonMapperEmulator:
-    """Point cm-tasks at the emulator, with retries that do not wait."""
-    monkeypatch.setenv("CM_BASE_URL", carbon_mapper_emulator.base_url)
-    monkeypatch.setenv("CM_RETRY_BACKOFF", "0")
-    monkeypatch.setenv("CM_TIMEOUT", "5")
-    return carbon_mapper_emulator
-
-
-@pytest.fixture
-def credentials(cm_env: CarbonMapperEmulator) -> CarbonMapperEmulator:
-    """The emulator's demo account saved in the two default Secret blocks."""
-    Secret(value=cm_env.email).save(EMAIL_BLOCK, overwrite=True)
-    Secret(value=cm_env.password).save(PASSWORD_BLOCK, overwrite=True)
-    return cm_env
-
-
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[CarbonMapperEmulator]:
     """One emulator shared by a module's tests (its counters add up across them)."""
@@ -76,10 +54,3 @@ def emulator() -> Iterator[CarbonMapperEmulator]:
 
     with CarbonMapperEmulator() as emu:
         yield emu
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """One real `prefect server start` shared by a module's tests (deployments, workers)."""
-    with running_prefect_server(tmp_path_factory.mktemp("prefect-server")) as running:
-        yield running

@@ -1,0 +1,39 @@
+"""The end-to-end tier: real `prefect server start`, workers, subprocesses, browsers, PostgreSQL.
+
+Tests still get the session's in-process Prefect API (`prefect_api`) for code that runs in the
+test process itself; `server` is a real `prefect server start` of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.support.deploy import deploy_prefect_yaml
+from tests.support.prefect_server import PrefectServer, running_prefect_server
+
+if TYPE_CHECKING:
+    from cm_tasks.testing import CarbonMapperEmulator
+
+
+@pytest.fixture(autouse=True)
+def _prefect_api(prefect_api: None) -> None:
+    """Every test of the tier also has the session's in-process Prefect API."""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """One real `prefect server start` shared by a module's tests (deployments, workers)."""
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-server")) as running:
+        yield running
+    # The helper's promise to whoever reuses it: the server is gone once the block exits.
+    assert running.process.poll() is not None
+
+
+@pytest.fixture(scope="module")
+def deployments(server: PrefectServer, emulator: CarbonMapperEmulator) -> dict[str, Any]:
+    """prefect.yaml deployed on the module's server as the README says (pool, credentials,
+    `prefect deploy --all`), the weekly schedule paused; the two deployments by name."""
+    return deploy_prefect_yaml(server, emulator)
