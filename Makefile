@@ -30,11 +30,14 @@ $(STAMP): pyproject.toml
 demo: install
 	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m cm_tasks.demo
 
-## lint: ruff (lint + format check) and mypy --strict on src/
+## lint: ruff (lint + format check), mypy --strict on src/, every import of src/ declared in
+##   pyproject.toml (deptry), and the package's layers kept (import-linter: pyproject.toml)
 lint: install
 	$(VENV)/bin/ruff check src tests flows bench
 	$(VENV)/bin/ruff format --check src tests flows bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/deptry src
+	$(VENV)/bin/lint-imports --no-cache
 
 ## test: lint, type-check, then the test suite (all but the scale-out run and the wheel test),
 ##   in $(PYTEST_WORKERS) worker processes (pytest-xdist, a module per worker at a time)
