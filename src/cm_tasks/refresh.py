@@ -19,7 +19,7 @@ from cm_tasks.blocks import CarbonMapperStacToken, load_token_block
 from cm_tasks.client import CarbonMapperClient
 from cm_tasks.errors import BadCredentialsError, ConfigurationError
 from cm_tasks.notify import publish_refreshed
-from cm_tasks.settings import CarbonMapperSettings, api_identity, validate_block_name
+from cm_tasks.settings import CarbonMapperSettings, api_identity, check_block_name
 from cm_tasks.tasks import create_stac_token, get_access_token, read_credentials, save_stac_token
 
 MIN_LIFETIME_DAYS = 1
@@ -102,16 +102,7 @@ def _check_lifetime(lifetime_days: int) -> int:
 
 
 def _check_block(parameter: str, value: str | None, default: str) -> str:
-    if value is None:
-        return default
-    try:
-        return validate_block_name(value)
-    except ValueError as exc:
-        problem = str(exc)
-    # Raised here, outside the except block, with the fix; a block name is not a secret.
-    raise ConfigurationError(
-        f"{parameter} is {value!r}: {problem}. Use a name like {default!r} (the default)."
-    )
+    return default if value is None else check_block_name(parameter, value, default)
 
 
 def resolve_request(

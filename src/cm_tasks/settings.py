@@ -179,13 +179,47 @@ def api_identity(url: str) -> str:
 
 
 def validate_block_name(value: str) -> str:
-    """Return value if it is a valid Prefect block name, else raise ValueError saying why."""
+    """Return value if it is a valid Prefect block name, else raise ValueError saying why.
+
+    The message does not quote the value (a setting's value is never echoed); callers that
+    may quote it use `check_block_name`.
+    """
     name = value.strip()
     if not name:
         raise ValueError("a block name must not be empty")
     if not all(c.islower() or c.isdigit() or c == "-" for c in name) or not name.isascii():
         raise ValueError("a block name may only contain lowercase letters, digits and dashes")
     return name
+
+
+def check_block_name(parameter: str, value: str, example: str = DEFAULT_TOKEN_BLOCK) -> str:
+    """Return value as a block name, or raise ConfigurationError saying what to use instead.
+
+    The one check of a block name given as a parameter or argument: the error names the
+    parameter, quotes the value (a block name is not a secret), says what is wrong and gives
+    an example.
+
+    Args:
+        parameter: the parameter's name as the caller knows it, e.g. `token_block`.
+        value: the name to check; surrounding spaces are dropped.
+        example: a valid name to suggest, usually the parameter's default.
+
+    Raises:
+        ConfigurationError: value is empty or holds a character Prefect does not allow.
+
+    Example:
+        ```python
+        from cm_tasks.settings import check_block_name
+
+        check_block_name("token_block", " carbon-mapper-stac-token ")  # 'carbon-mapper-stac-token'
+        ```
+    """
+    try:
+        return validate_block_name(value)
+    except ValueError as exc:
+        problem = str(exc)
+    # Raised outside the except block: the ValueError adds nothing to the message.
+    raise ConfigurationError(f"{parameter} is {value!r}: {problem}. Use a name like {example!r}.")
 
 
 def validate_refresh_mode(value: object) -> RefreshMode:

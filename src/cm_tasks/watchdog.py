@@ -27,7 +27,7 @@ from cm_tasks.notify import (
     token_resource,
 )
 from cm_tasks.run_parameters import choose_values
-from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, load_settings, validate_block_name
+from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, check_block_name, load_settings
 
 DEFAULT_THRESHOLD_DAYS = 3.0
 MAX_THRESHOLD_DAYS = 365.0
@@ -140,7 +140,7 @@ def check_token(
         TokenBlockError: the block exists but cannot be read, or the Prefect API said "not
             found" but is not a healthy Prefect API (e.g. PREFECT_API_URL without `/api`).
     """
-    block_name = _block_name(token_block)
+    block_name = check_block_name("token_block", token_block)
     threshold = check_threshold(threshold_days)
     checked_at = now or datetime.now(timezone.utc)
     token = load_token_block(block_name)
@@ -208,13 +208,6 @@ def _not_json(response: Any) -> Exception | None:
     if response.status_code == 200 and content_type.startswith("application/json"):
         return None
     return ValueError(f"/hello answered {response.status_code} {content_type or 'untyped'}")
-
-
-def _block_name(value: str) -> str:
-    try:
-        return validate_block_name(value)
-    except ValueError as exc:
-        raise ConfigurationError(f"token_block: {exc}.") from None
 
 
 def status_payload(status: TokenStatus) -> dict[str, Any]:
