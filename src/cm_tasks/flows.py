@@ -5,20 +5,16 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from cm_tasks.refresh import (
-    MAX_LIFETIME_DAYS,
-    MAX_TOKEN_NAME_LENGTH,
-    MIN_LIFETIME_DAYS,
-    RefreshSummary,
-    resolve_request,
-    run_refresh,
-)
+from cm_tasks.refresh import MAX_TOKEN_NAME_LENGTH, RefreshSummary, resolve_request, run_refresh
 from cm_tasks.run_parameters import choose_values
 from cm_tasks.settings import (
+    BLOCK_NAME_PATTERN,
     DEFAULT_EMAIL_BLOCK,
     DEFAULT_PASSWORD_BLOCK,
     DEFAULT_TOKEN_BLOCK,
     DEFAULT_TOKEN_LIFETIME_DAYS,
+    MAX_LIFETIME_DAYS,
+    MIN_LIFETIME_DAYS,
     load_settings,
 )
 
@@ -31,7 +27,7 @@ TokenName = Annotated[str, Field(json_schema_extra={"maxLength": MAX_TOKEN_NAME_
 LifetimeDays = Annotated[
     int, Field(json_schema_extra={"minimum": MIN_LIFETIME_DAYS, "maximum": MAX_LIFETIME_DAYS})
 ]
-BlockName = Annotated[str, Field(json_schema_extra={"pattern": "^[a-z0-9-]+$"})]
+BlockName = Annotated[str, Field(json_schema_extra={"pattern": BLOCK_NAME_PATTERN})]
 
 
 @flow(name="refresh-stac-token", persist_result=False)

@@ -19,11 +19,16 @@ from cm_tasks.blocks import CarbonMapperStacToken, load_token_block
 from cm_tasks.client import CarbonMapperClient
 from cm_tasks.errors import BadCredentialsError, ConfigurationError
 from cm_tasks.notify import publish_refreshed
-from cm_tasks.settings import CarbonMapperSettings, api_identity, check_block_name
+from cm_tasks.settings import (
+    DEFAULT_TOKEN_LIFETIME_DAYS,
+    MAX_LIFETIME_DAYS,
+    MIN_LIFETIME_DAYS,
+    CarbonMapperSettings,
+    api_identity,
+    check_block_name,
+)
 from cm_tasks.tasks import create_stac_token, get_access_token, read_credentials, save_stac_token
 
-MIN_LIFETIME_DAYS = 1
-MAX_LIFETIME_DAYS = 365
 MAX_TOKEN_NAME_LENGTH = 100
 WEEKLY_REFRESH_DAYS = 7
 
@@ -89,7 +94,7 @@ def _check_lifetime(lifetime_days: int) -> int:
     if not MIN_LIFETIME_DAYS <= lifetime_days <= MAX_LIFETIME_DAYS:
         raise ConfigurationError(
             f"lifetime_days is {lifetime_days}; it must be from {MIN_LIFETIME_DAYS} to "
-            f"{MAX_LIFETIME_DAYS} days (default 14)."
+            f"{MAX_LIFETIME_DAYS} days (default {DEFAULT_TOKEN_LIFETIME_DAYS})."
         )
     if lifetime_days <= WEEKLY_REFRESH_DAYS:
         current_logger().warning(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import warnings
 from typing import Literal, get_args
 from urllib.parse import urlsplit
@@ -21,6 +22,11 @@ DEFAULT_EMAIL_BLOCK = "carbon-mapper-email"
 DEFAULT_PASSWORD_BLOCK = "carbon-mapper-password"
 DEFAULT_TOKEN_BLOCK = "carbon-mapper-stac-token"
 DEFAULT_TOKEN_LIFETIME_DAYS = 14
+# The lifetimes a new token may have: the setting, the flow parameter and the run form agree.
+MIN_LIFETIME_DAYS = 1
+MAX_LIFETIME_DAYS = 365
+# A Prefect block document name, as `validate_block_name` checks it and the run form shows it.
+BLOCK_NAME_PATTERN = "^[a-z0-9-]+$"
 
 RefreshMode = Literal["inline", "deployment", "off"]
 """How downstream code gets a new token: `inline` (read the credentials and call the API
@@ -86,7 +92,10 @@ class CarbonMapperSettings(BaseSettings):
         description="Name of the CarbonMapperStacToken block the scoped token is saved to.",
     )
     token_lifetime_days: int = Field(
-        DEFAULT_TOKEN_LIFETIME_DAYS, ge=1, le=365, description="Days a new STAC token stays valid."
+        DEFAULT_TOKEN_LIFETIME_DAYS,
+        ge=MIN_LIFETIME_DAYS,
+        le=MAX_LIFETIME_DAYS,
+        description="Days a new STAC token stays valid.",
     )
     max_attempts: int = Field(
         4,
@@ -187,7 +196,7 @@ def validate_block_name(value: str) -> str:
     name = value.strip()
     if not name:
         raise ValueError("a block name must not be empty")
-    if not all(c.islower() or c.isdigit() or c == "-" for c in name) or not name.isascii():
+    if not re.fullmatch(BLOCK_NAME_PATTERN, name):
         raise ValueError("a block name may only contain lowercase letters, digits and dashes")
     return name
 
