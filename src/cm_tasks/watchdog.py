@@ -58,7 +58,17 @@ class TokenState(str, Enum):
     @property
     def exit_code(self) -> int:
         """`cm-tasks status` exit code: 0 OK, 1 EXPIRING, 2 EXPIRED, 3 MISSING."""
-        return list(TokenState).index(self)
+        return _STATUS_EXIT_CODES[self]
+
+
+# Written out, not the members' order: scripts and monitors depend on these numbers (an
+# interface: docs/operate.md), and a new state must not renumber the others.
+_STATUS_EXIT_CODES = {
+    TokenState.OK: 0,
+    TokenState.EXPIRING: 1,
+    TokenState.EXPIRED: 2,
+    TokenState.MISSING: 3,
+}
 
 
 class StacTokenExpiringError(CarbonMapperError):
