@@ -14,8 +14,8 @@ from copy import deepcopy
 from datetime import date, datetime, timezone
 from typing import Any, Literal
 
-from cm_tasks._jwt import encode_hs256, verify_hs256
 from cm_tasks.testing._faults import QUIRKS, Fault, Quirk
+from cm_tasks.testing._jwt import encode_hs256, verify_hs256
 
 API_PREFIX = "/api/v1/"
 ACCESS_LIFETIME_SECONDS = 5 * 60
