@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from cm_tasks.client import CarbonMapperClient as CarbonMapperClient
     from cm_tasks.client import IssuedStacToken as IssuedStacToken
     from cm_tasks.client import TokenPair as TokenPair
+    from cm_tasks.flows import check_stac_token as check_stac_token
     from cm_tasks.flows import refresh_stac_token as refresh_stac_token
     from cm_tasks.notify import EXPIRING_EVENT as EXPIRING_EVENT
     from cm_tasks.notify import REFRESHED_EVENT as REFRESHED_EVENT
@@ -71,7 +72,6 @@ if TYPE_CHECKING:
     from cm_tasks.watchdog import StacTokenExpiringError as StacTokenExpiringError
     from cm_tasks.watchdog import TokenState as TokenState
     from cm_tasks.watchdog import TokenStatus as TokenStatus
-    from cm_tasks.watchdog import check_stac_token as check_stac_token
     from cm_tasks.watchdog import check_token as check_token
 
 

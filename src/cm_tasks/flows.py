@@ -1,4 +1,10 @@
-"""The deployable flow: get a new scoped STAC token and save it to a block."""
+"""The deployable flows: the weekly token refresh and the daily expiry check.
+
+Each is a thin flow around the module that does the work: `refresh-stac-token` runs
+`cm_tasks.refresh`, `check-stac-token` runs `cm_tasks.watchdog`. Their entrypoints,
+`cm_tasks.flows.refresh_stac_token` and `cm_tasks.flows.check_stac_token`, are what
+`cm-tasks deploy`, `cm-tasks serve` and prefect.yaml deploy.
+"""
 
 from typing import Annotated, Any
 
@@ -16,6 +22,14 @@ from cm_tasks.settings import (
     MAX_LIFETIME_DAYS,
     MIN_LIFETIME_DAYS,
     load_settings,
+)
+from cm_tasks.watchdog import (
+    DEFAULT_THRESHOLD_DAYS,
+    MAX_THRESHOLD_DAYS,
+    StacTokenExpiringError,
+    check_token,
+    publish_status,
+    status_payload,
 )
 
 # Limits for the UI's run form and for the server, which checks a deployment's parameters
@@ -104,3 +118,47 @@ def refresh_stac_token(
         ", ".join(summary.scopes) or "none listed",
     )
     return summary.model_dump(mode="json")
+
+
+@flow(name="check-stac-token", persist_result=False)
+def check_stac_token(
+    threshold_days: Annotated[
+        float, Field(json_schema_extra={"minimum": 0, "maximum": MAX_THRESHOLD_DAYS})
+    ] = DEFAULT_THRESHOLD_DAYS,
+    token_block: BlockName = DEFAULT_TOKEN_BLOCK,
+) -> dict[str, Any]:
+    """Check the saved STAC token; fail when it is missing, expired or about to expire.
+
+    Reads the CarbonMapperStacToken block only (no call to the Carbon Mapper API), leaves a
+    markdown artifact with the days left, and - when the token is missing, expired or expires
+    within threshold_days - emits the event `carbon-mapper.stac-token.expiring` and fails with
+    a message saying what to do.
+
+    Args:
+        threshold_days: Fail when the token has this many days left or fewer, 0 to 365.
+            Default: 3.
+        token_block: Block holding the token, as refresh-stac-token writes it and
+            get_stac_token() reads it. Setting: CM_TOKEN_BLOCK (a worker setting that differs
+            from a default parameter stops a deployment run: set the parameter to it).
+
+    Returns:
+        The status: state, block, token name, expiry, days left, threshold. Never the token.
+
+    Raises:
+        StacTokenExpiringError: the token is missing, expired or expiring.
+
+    Example:
+        ```python
+        from cm_tasks.flows import check_stac_token
+
+        status = check_stac_token(threshold_days=5)
+        print(status["state"], status["days_left"])
+        ```
+    """
+    block_name = choose_values(load_settings(), {"token_block": token_block})["token_block"]
+    status = check_token(block_name, threshold_days)
+    publish_status(status)
+    if not status.ok:
+        raise StacTokenExpiringError(status.message)
+    get_run_logger().info(status.message)
+    return status_payload(status)

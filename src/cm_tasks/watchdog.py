@@ -2,22 +2,20 @@
 
 Reads the `CarbonMapperStacToken` block only - no call to the Carbon Mapper API - so it is
 cheap enough to run daily. `check_token` gives a `TokenStatus` (used by `cm-tasks status`);
-the `check-stac-token` flow publishes it and fails, with the event
+the `check-stac-token` flow (in `cm_tasks.flows`) publishes it and fails, with the event
 `carbon-mapper.stac-token.expiring`, when the token is missing, expired or expiring soon.
 """
 
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Any
+from typing import Any
 
-from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel, ConfigDict, Field
 
 from cm_tasks.blocks import load_token_block
 from cm_tasks.errors import CarbonMapperError, ConfigurationError, TokenBlockError
-from cm_tasks.flows import BlockName
 from cm_tasks.notify import (
     EXPIRING_EVENT,
     artifact_key,
@@ -26,8 +24,7 @@ from cm_tasks.notify import (
     markdown_table,
     token_resource,
 )
-from cm_tasks.run_parameters import choose_values
-from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, check_block_name, load_settings
+from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, check_block_name
 
 DEFAULT_THRESHOLD_DAYS = 3.0
 MAX_THRESHOLD_DAYS = 365.0
@@ -255,45 +252,12 @@ def publish_status(status: TokenStatus) -> None:
     )
 
 
-@flow(name="check-stac-token", persist_result=False)
-def check_stac_token(
-    threshold_days: Annotated[
-        float, Field(json_schema_extra={"minimum": 0, "maximum": MAX_THRESHOLD_DAYS})
-    ] = DEFAULT_THRESHOLD_DAYS,
-    token_block: BlockName = DEFAULT_TOKEN_BLOCK,
-) -> dict[str, Any]:
-    """Check the saved STAC token; fail when it is missing, expired or about to expire.
+def __getattr__(name: str) -> Any:
+    # Deployments made by cm-tasks 0.2 and earlier have the entrypoint
+    # `cm_tasks.watchdog.check_stac_token`: a worker imports this module and looks the flow up
+    # here. Imported on demand, because cm_tasks.flows imports this module.
+    if name == "check_stac_token":
+        from cm_tasks.flows import check_stac_token
 
-    Reads the CarbonMapperStacToken block only (no call to the Carbon Mapper API), leaves a
-    markdown artifact with the days left, and - when the token is missing, expired or expires
-    within threshold_days - emits the event `carbon-mapper.stac-token.expiring` and fails with
-    a message saying what to do.
-
-    Args:
-        threshold_days: Fail when the token has this many days left or fewer, 0 to 365.
-            Default: 3.
-        token_block: Block holding the token, as refresh-stac-token writes it and
-            get_stac_token() reads it. Setting: CM_TOKEN_BLOCK (a worker setting that differs
-            from a default parameter stops a deployment run: set the parameter to it).
-
-    Returns:
-        The status: state, block, token name, expiry, days left, threshold. Never the token.
-
-    Raises:
-        StacTokenExpiringError: the token is missing, expired or expiring.
-
-    Example:
-        ```python
-        from cm_tasks.watchdog import check_stac_token
-
-        status = check_stac_token(threshold_days=5)
-        print(status["state"], status["days_left"])
-        ```
-    """
-    block_name = choose_values(load_settings(), {"token_block": token_block})["token_block"]
-    status = check_token(block_name, threshold_days)
-    publish_status(status)
-    if not status.ok:
-        raise StacTokenExpiringError(status.message)
-    get_run_logger().info(status.message)
-    return status_payload(status)
+        return check_stac_token
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
