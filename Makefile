@@ -30,11 +30,14 @@ $(STAMP): pyproject.toml
 demo: install
 	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m cm_tasks.demo
 
-## lint: ruff (lint + format check) and mypy --strict on src/
+## lint: ruff (lint + format check), mypy --strict on src/, every import of src/ declared in
+##   pyproject.toml (deptry), and the package's layers kept (import-linter: pyproject.toml)
 lint: install
 	$(VENV)/bin/ruff check src tests flows bench
 	$(VENV)/bin/ruff format --check src tests flows bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/deptry src
+	$(VENV)/bin/lint-imports --no-cache
 
 # The tiers (docs/development.md): tests/unit (no Prefect API, no process, no network),
 # tests/integration (one Prefect test harness per process, the emulator over HTTP) and

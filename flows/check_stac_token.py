@@ -1,10 +1,11 @@
-"""Deployment entry point of the `check-stac-token` watchdog flow (see prefect.yaml).
+"""Run the `check-stac-token` flow once from a checkout: `python flows/check_stac_token.py`.
 
-The flow lives in the installed package (`cm_tasks.watchdog`), like `refresh-stac-token`, so
-that `cm-tasks status`, this entry point and tests all run the same code.
+Not a deployment entry point: the deployments (prefect.yaml, `cm-tasks deploy`) use the module
+path `cm_tasks.flows.check_stac_token` of the installed package, so that `cm-tasks status`,
+workers and this script all run the same code.
 """
 
-from cm_tasks.watchdog import check_stac_token
+from cm_tasks.flows import check_stac_token
 
 __all__ = ["check_stac_token"]
 

@@ -1,7 +1,8 @@
-"""Deployment entry point of the `refresh-stac-token` flow (see prefect.yaml).
+"""Run the `refresh-stac-token` flow once from a checkout: `python flows/refresh_stac_token.py`.
 
-The flow lives in the installed package (`cm_tasks.flows`) so that the CLI, ingest flows and
-this entry point all run the same code.
+Not a deployment entry point: the deployments (prefect.yaml, `cm-tasks deploy`) use the module
+path `cm_tasks.flows.refresh_stac_token` of the installed package, so that the CLI, ingest
+flows, workers and this script all run the same code.
 """
 
 from cm_tasks.flows import refresh_stac_token

@@ -90,7 +90,7 @@ def lease(block_name: str, settings: CarbonMapperSettings, attempt: Attempt) -> 
             until the deadline; says what that run is doing.
     """
     with ExitStack() as stack:
-        failure: TokenBlockError | None = None
+        failure: RefreshTimeoutError | None = None
         try:
             stack.enter_context(
                 refresh_lease(block_name, settings, wait_seconds=max(attempt.remaining(), 1.0))

@@ -38,12 +38,31 @@ from cm_tasks.settings import DEFAULT_BASE_URL, CarbonMapperSettings
 TOKEN_PAIR_PATH = "token/pair"
 CREATE_STAC_PATH = "account/tokens/create-stac"
 USER_AGENT = f"cm-tasks/{__version__}"
+CONNECT_TIMEOUT_CAP = 10.0
+"""Longest wait, in seconds, to connect to the API, whatever `CM_TIMEOUT` allows a response."""
 _MAX_API_MESSAGE = 300
 _TRANSIENT_STATUSES = frozenset({408, 500, 502, 503, 504})
 _INVALID_REQUEST_STATUSES = frozenset({400, 404, 405, 409, 413, 415, 422})
 _UNREADABLE = object()
 
 T = TypeVar("T")
+
+
+def api_timeout(timeout: float) -> httpx.Timeout:
+    """The time-outs of a call to the API: `timeout` for each response, at most 10 s to connect.
+
+    The one place for the connect bound: a host that does not answer fails fast, while a slow
+    answer (the API can take a while to make a token) still gets all of `CM_TIMEOUT`.
+
+    Example:
+        ```python
+        import httpx
+        from cm_tasks.client import api_timeout
+
+        http = httpx.Client(timeout=api_timeout(30.0))  # 30 s per response, 10 s to connect
+        ```
+    """
+    return httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_CAP))
 
 
 class _Logger(Protocol):
@@ -326,7 +345,7 @@ class CarbonMapperClient:
         self._sleep = sleep
         self._http = httpx.Client(
             base_url=self.base_url,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            timeout=api_timeout(timeout),
             headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
             transport=transport,
             follow_redirects=False,

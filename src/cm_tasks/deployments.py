@@ -174,7 +174,7 @@ WEEKLY_REFRESH = DeploymentSpec(
 DAILY_CHECK = DeploymentSpec(
     flow_name="check-stac-token",
     name="daily",
-    entrypoint="cm_tasks.watchdog.check_stac_token",
+    entrypoint="cm_tasks.flows.check_stac_token",
     cron="0 7 * * *",
     description=(
         "Check every day at 07:00 UTC that the saved STAC token is not missing, expired or "

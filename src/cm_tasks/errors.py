@@ -7,16 +7,20 @@ password, a token or a request body.
     ├── ConfigurationError             a CM_* setting or a flow parameter is unusable
     ├── CredentialsBlockError          a Secret block with the account credentials is missing or bad
     ├── TokenBlockError                the token block is missing, unreadable or could not be saved
-    │   └── RefreshRunError            the refresh deployment's run failed, crashed or was cancelled
-    │       └── RefreshTimeoutError    the refresh run did not finish within CM_REFRESH_TIMEOUT
+    ├── RefreshRunError                the refresh deployment's run failed, crashed or was cancelled
+    │   └── RefreshTimeoutError        the refresh run did not finish within CM_REFRESH_TIMEOUT
     └── CarbonMapperAPIError           the platform API answered with an error (or not at all)
         ├── UnauthorizedError          401: credentials or access token rejected
         │   └── BadCredentialsError    401 from token/pair: wrong e-mail or password
         ├── PermissionDeniedError      403: the account lacks the needed scope
-        ├── InvalidRequestError        400/404/405/422: the API rejected the request itself
+        ├── InvalidRequestError        400/404/405/409/413/415/422: the API rejected the request
         ├── RateLimitedError           429: too many requests (transient)
-        ├── APIUnavailableError        5xx, time-out or connection failure (transient)
-        └── UnexpectedResponseError    a 2xx the package cannot read (HTML, bad JSON, missing key)
+        ├── APIUnavailableError        408/500/502/503/504, time-out or no connection (transient)
+        └── UnexpectedResponseError    any other status, or a 2xx it cannot read (HTML, bad JSON)
+
+`TokenBlockError` is about the block in Prefect (the Prefect API failing included); a failed
+refresh run is not, so `RefreshRunError` is a sibling, not a kind of it: a handler for
+"Prefect is unreachable" does not also swallow a refresh that failed on its own.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class TokenBlockError(CarbonMapperError):
         self.transient = transient
 
 
-class RefreshRunError(TokenBlockError):
+class RefreshRunError(CarbonMapperError):
     """A run of the refresh deployment (`CM_REFRESH_MODE=deployment`) did not renew the token.
 
     Attributes:
@@ -66,7 +70,8 @@ class RefreshRunError(TokenBlockError):
         state_type: str | None = None,
         transient: bool = False,
     ):
-        super().__init__(message, transient=transient)
+        super().__init__(message)
+        self.transient = transient
         self.flow_run_name = flow_run_name
         self.flow_run_id = flow_run_id
         self.state_type = state_type
@@ -103,7 +108,7 @@ class PermissionDeniedError(CarbonMapperAPIError):
 
 
 class InvalidRequestError(CarbonMapperAPIError):
-    """400/404/405/422: the API rejected the request; `api_message` says why, in its words."""
+    """400/404/405/409/413/415/422: the API rejected the request; `api_message` says why."""
 
     def __init__(
         self,
@@ -135,7 +140,7 @@ class RateLimitedError(CarbonMapperAPIError):
 
 
 class APIUnavailableError(CarbonMapperAPIError):
-    """The API answered 500/502/503/504, timed out, or the connection failed.
+    """The API answered 408/500/502/503/504, timed out, or the connection failed.
 
     Attributes:
         request_sent: False when the request never reached the API (the connection could
@@ -157,4 +162,4 @@ class APIUnavailableError(CarbonMapperAPIError):
 
 
 class UnexpectedResponseError(CarbonMapperAPIError):
-    """The API answered in a form cm-tasks cannot read (HTML, invalid JSON, a missing key)."""
+    """The API answered with a status cm-tasks does not expect, or a 2xx it cannot read."""

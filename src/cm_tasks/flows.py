@@ -1,25 +1,35 @@
-"""The deployable flow: get a new scoped STAC token and save it to a block."""
+"""The deployable flows: the weekly token refresh and the daily expiry check.
+
+Each is a thin flow around the module that does the work: `refresh-stac-token` runs
+`cm_tasks.refresh`, `check-stac-token` runs `cm_tasks.watchdog`. Their entrypoints,
+`cm_tasks.flows.refresh_stac_token` and `cm_tasks.flows.check_stac_token`, are what
+`cm-tasks deploy`, `cm-tasks serve` and prefect.yaml deploy.
+"""
 
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from cm_tasks.refresh import (
-    MAX_LIFETIME_DAYS,
-    MAX_TOKEN_NAME_LENGTH,
-    MIN_LIFETIME_DAYS,
-    RefreshSummary,
-    resolve_request,
-    run_refresh,
-)
+from cm_tasks.refresh import MAX_TOKEN_NAME_LENGTH, RefreshSummary, resolve_request, run_refresh
 from cm_tasks.run_parameters import choose_values
 from cm_tasks.settings import (
+    BLOCK_NAME_PATTERN,
     DEFAULT_EMAIL_BLOCK,
     DEFAULT_PASSWORD_BLOCK,
     DEFAULT_TOKEN_BLOCK,
     DEFAULT_TOKEN_LIFETIME_DAYS,
+    MAX_LIFETIME_DAYS,
+    MIN_LIFETIME_DAYS,
     load_settings,
+)
+from cm_tasks.watchdog import (
+    DEFAULT_THRESHOLD_DAYS,
+    MAX_THRESHOLD_DAYS,
+    StacTokenExpiringError,
+    check_token,
+    publish_status,
+    status_payload,
 )
 
 # Limits for the UI's run form and for the server, which checks a deployment's parameters
@@ -31,7 +41,7 @@ TokenName = Annotated[str, Field(json_schema_extra={"maxLength": MAX_TOKEN_NAME_
 LifetimeDays = Annotated[
     int, Field(json_schema_extra={"minimum": MIN_LIFETIME_DAYS, "maximum": MAX_LIFETIME_DAYS})
 ]
-BlockName = Annotated[str, Field(json_schema_extra={"pattern": "^[a-z0-9-]+$"})]
+BlockName = Annotated[str, Field(json_schema_extra={"pattern": BLOCK_NAME_PATTERN})]
 
 
 @flow(name="refresh-stac-token", persist_result=False)
@@ -108,3 +118,47 @@ def refresh_stac_token(
         ", ".join(summary.scopes) or "none listed",
     )
     return summary.model_dump(mode="json")
+
+
+@flow(name="check-stac-token", persist_result=False)
+def check_stac_token(
+    threshold_days: Annotated[
+        float, Field(json_schema_extra={"minimum": 0, "maximum": MAX_THRESHOLD_DAYS})
+    ] = DEFAULT_THRESHOLD_DAYS,
+    token_block: BlockName = DEFAULT_TOKEN_BLOCK,
+) -> dict[str, Any]:
+    """Check the saved STAC token; fail when it is missing, expired or about to expire.
+
+    Reads the CarbonMapperStacToken block only (no call to the Carbon Mapper API), leaves a
+    markdown artifact with the days left, and - when the token is missing, expired or expires
+    within threshold_days - emits the event `carbon-mapper.stac-token.expiring` and fails with
+    a message saying what to do.
+
+    Args:
+        threshold_days: Fail when the token has this many days left or fewer, 0 to 365.
+            Default: 3.
+        token_block: Block holding the token, as refresh-stac-token writes it and
+            get_stac_token() reads it. Setting: CM_TOKEN_BLOCK (a worker setting that differs
+            from a default parameter stops a deployment run: set the parameter to it).
+
+    Returns:
+        The status: state, block, token name, expiry, days left, threshold. Never the token.
+
+    Raises:
+        StacTokenExpiringError: the token is missing, expired or expiring.
+
+    Example:
+        ```python
+        from cm_tasks.flows import check_stac_token
+
+        status = check_stac_token(threshold_days=5)
+        print(status["state"], status["days_left"])
+        ```
+    """
+    block_name = choose_values(load_settings(), {"token_block": token_block})["token_block"]
+    status = check_token(block_name, threshold_days)
+    publish_status(status)
+    if not status.ok:
+        raise StacTokenExpiringError(status.message)
+    get_run_logger().info(status.message)
+    return status_payload(status)

@@ -19,11 +19,16 @@ from cm_tasks.blocks import CarbonMapperStacToken, load_token_block
 from cm_tasks.client import CarbonMapperClient
 from cm_tasks.errors import BadCredentialsError, ConfigurationError
 from cm_tasks.notify import publish_refreshed
-from cm_tasks.settings import CarbonMapperSettings, api_identity, validate_block_name
+from cm_tasks.settings import (
+    DEFAULT_TOKEN_LIFETIME_DAYS,
+    MAX_LIFETIME_DAYS,
+    MIN_LIFETIME_DAYS,
+    CarbonMapperSettings,
+    api_identity,
+    check_block_name,
+)
 from cm_tasks.tasks import create_stac_token, get_access_token, read_credentials, save_stac_token
 
-MIN_LIFETIME_DAYS = 1
-MAX_LIFETIME_DAYS = 365
 MAX_TOKEN_NAME_LENGTH = 100
 WEEKLY_REFRESH_DAYS = 7
 
@@ -89,7 +94,7 @@ def _check_lifetime(lifetime_days: int) -> int:
     if not MIN_LIFETIME_DAYS <= lifetime_days <= MAX_LIFETIME_DAYS:
         raise ConfigurationError(
             f"lifetime_days is {lifetime_days}; it must be from {MIN_LIFETIME_DAYS} to "
-            f"{MAX_LIFETIME_DAYS} days (default 14)."
+            f"{MAX_LIFETIME_DAYS} days (default {DEFAULT_TOKEN_LIFETIME_DAYS})."
         )
     if lifetime_days <= WEEKLY_REFRESH_DAYS:
         current_logger().warning(
@@ -102,16 +107,7 @@ def _check_lifetime(lifetime_days: int) -> int:
 
 
 def _check_block(parameter: str, value: str | None, default: str) -> str:
-    if value is None:
-        return default
-    try:
-        return validate_block_name(value)
-    except ValueError as exc:
-        problem = str(exc)
-    # Raised here, outside the except block, with the fix; a block name is not a secret.
-    raise ConfigurationError(
-        f"{parameter} is {value!r}: {problem}. Use a name like {default!r} (the default)."
-    )
+    return default if value is None else check_block_name(parameter, value, default)
 
 
 def resolve_request(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import warnings
 from typing import Literal, get_args
 from urllib.parse import urlsplit
@@ -21,6 +22,11 @@ DEFAULT_EMAIL_BLOCK = "carbon-mapper-email"
 DEFAULT_PASSWORD_BLOCK = "carbon-mapper-password"
 DEFAULT_TOKEN_BLOCK = "carbon-mapper-stac-token"
 DEFAULT_TOKEN_LIFETIME_DAYS = 14
+# The lifetimes a new token may have: the setting, the flow parameter and the run form agree.
+MIN_LIFETIME_DAYS = 1
+MAX_LIFETIME_DAYS = 365
+# A Prefect block document name, as `validate_block_name` checks it and the run form shows it.
+BLOCK_NAME_PATTERN = "^[a-z0-9-]+$"
 
 RefreshMode = Literal["inline", "deployment", "off"]
 """How downstream code gets a new token: `inline` (read the credentials and call the API
@@ -86,7 +92,10 @@ class CarbonMapperSettings(BaseSettings):
         description="Name of the CarbonMapperStacToken block the scoped token is saved to.",
     )
     token_lifetime_days: int = Field(
-        DEFAULT_TOKEN_LIFETIME_DAYS, ge=1, le=365, description="Days a new STAC token stays valid."
+        DEFAULT_TOKEN_LIFETIME_DAYS,
+        ge=MIN_LIFETIME_DAYS,
+        le=MAX_LIFETIME_DAYS,
+        description="Days a new STAC token stays valid.",
     )
     max_attempts: int = Field(
         4,
@@ -179,13 +188,47 @@ def api_identity(url: str) -> str:
 
 
 def validate_block_name(value: str) -> str:
-    """Return value if it is a valid Prefect block name, else raise ValueError saying why."""
+    """Return value if it is a valid Prefect block name, else raise ValueError saying why.
+
+    The message does not quote the value (a setting's value is never echoed); callers that
+    may quote it use `check_block_name`.
+    """
     name = value.strip()
     if not name:
         raise ValueError("a block name must not be empty")
-    if not all(c.islower() or c.isdigit() or c == "-" for c in name) or not name.isascii():
+    if not re.fullmatch(BLOCK_NAME_PATTERN, name):
         raise ValueError("a block name may only contain lowercase letters, digits and dashes")
     return name
+
+
+def check_block_name(parameter: str, value: str, example: str = DEFAULT_TOKEN_BLOCK) -> str:
+    """Return value as a block name, or raise ConfigurationError saying what to use instead.
+
+    The one check of a block name given as a parameter or argument: the error names the
+    parameter, quotes the value (a block name is not a secret), says what is wrong and gives
+    an example.
+
+    Args:
+        parameter: the parameter's name as the caller knows it, e.g. `token_block`.
+        value: the name to check; surrounding spaces are dropped.
+        example: a valid name to suggest, usually the parameter's default.
+
+    Raises:
+        ConfigurationError: value is empty or holds a character Prefect does not allow.
+
+    Example:
+        ```python
+        from cm_tasks.settings import check_block_name
+
+        check_block_name("token_block", " carbon-mapper-stac-token ")  # 'carbon-mapper-stac-token'
+        ```
+    """
+    try:
+        return validate_block_name(value)
+    except ValueError as exc:
+        problem = str(exc)
+    # Raised outside the except block: the ValueError adds nothing to the message.
+    raise ConfigurationError(f"{parameter} is {value!r}: {problem}. Use a name like {example!r}.")
 
 
 def validate_refresh_mode(value: object) -> RefreshMode:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import date
 from typing import Any, cast
 
@@ -42,29 +43,45 @@ def _client_or_default(client: CarbonMapperClient | None) -> Iterator[CarbonMapp
         yield own_client
 
 
-def read_secret_block(block_name: str, what: str) -> SecretStr:
+@dataclass(frozen=True)
+class Credential:
+    """One of the account credentials, and the `cm-tasks login` option that writes its block."""
+
+    what: str  # for messages, e.g. "the Carbon Mapper account e-mail"
+    login_option: str
+    default_block: str
+
+    def how_to_create(self, block_name: str) -> str:
+        """How to create block_name: `cm-tasks login` alone writes the default block only."""
+        login = "cm-tasks login" + (
+            "" if block_name == self.default_block else f" {self.login_option} {block_name}"
+        )
+        return (
+            f"Create it with `{login}`, or in Python: "
+            f"`Secret(value=...).save({block_name!r}, overwrite=True)` "
+            "(from prefect.blocks.system import Secret)."
+        )
+
+
+ACCOUNT_EMAIL = Credential("the Carbon Mapper account e-mail", "--email-block", DEFAULT_EMAIL_BLOCK)
+ACCOUNT_PASSWORD = Credential(
+    "the Carbon Mapper account password", "--password-block", DEFAULT_PASSWORD_BLOCK
+)
+
+
+def read_secret_block(block_name: str, credential: Credential) -> SecretStr:
     """The string held by a Prefect `Secret` block, kept secret.
 
     Args:
         block_name: name of the Secret block.
-        what: what it should hold, for the error message (e.g. "the account e-mail").
+        credential: what it should hold (`ACCOUNT_EMAIL` or `ACCOUNT_PASSWORD`), for the
+            error message and its fix.
 
     Raises:
         CredentialsBlockError: the block is missing, empty, or holds JSON instead of a string;
             the message names the block and how to create it.
     """
-    # `cm-tasks login` writes the default blocks; another block needs its option.
-    option, default = (
-        ("--password-block", DEFAULT_PASSWORD_BLOCK)
-        if "password" in what
-        else ("--email-block", DEFAULT_EMAIL_BLOCK)
-    )
-    login = "cm-tasks login" + ("" if block_name == default else f" {option} {block_name}")
-    how_to_fix = (
-        f"Create it with `{login}`, or in Python: "
-        f"`Secret(value=...).save({block_name!r}, overwrite=True)` "
-        "(from prefect.blocks.system import Secret)."
-    )
+    what, how_to_fix = credential.what, credential.how_to_create(block_name)
     try:
         # _sync: a sync read even when called from async code (async_dispatch would await)
         block = cast("Secret[Any]", Secret.load(block_name, _sync=True))  # type: ignore[call-arg]
@@ -113,8 +130,8 @@ def read_credentials(email_block: str, password_block: str) -> tuple[SecretStr, 
         ```
     """
     return (
-        read_secret_block(email_block, "the Carbon Mapper account e-mail"),
-        read_secret_block(password_block, "the Carbon Mapper account password"),
+        read_secret_block(email_block, ACCOUNT_EMAIL),
+        read_secret_block(password_block, ACCOUNT_PASSWORD),
     )
 
 

@@ -2,22 +2,20 @@
 
 Reads the `CarbonMapperStacToken` block only - no call to the Carbon Mapper API - so it is
 cheap enough to run daily. `check_token` gives a `TokenStatus` (used by `cm-tasks status`);
-the `check-stac-token` flow publishes it and fails, with the event
+the `check-stac-token` flow (in `cm_tasks.flows`) publishes it and fails, with the event
 `carbon-mapper.stac-token.expiring`, when the token is missing, expired or expiring soon.
 """
 
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Any
+from typing import Any
 
-from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel, ConfigDict, Field
 
 from cm_tasks.blocks import load_token_block
 from cm_tasks.errors import CarbonMapperError, ConfigurationError, TokenBlockError
-from cm_tasks.flows import BlockName
 from cm_tasks.notify import (
     EXPIRING_EVENT,
     artifact_key,
@@ -26,8 +24,7 @@ from cm_tasks.notify import (
     markdown_table,
     token_resource,
 )
-from cm_tasks.run_parameters import choose_values
-from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, load_settings, validate_block_name
+from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, check_block_name
 
 DEFAULT_THRESHOLD_DAYS = 3.0
 MAX_THRESHOLD_DAYS = 365.0
@@ -58,7 +55,17 @@ class TokenState(str, Enum):
     @property
     def exit_code(self) -> int:
         """`cm-tasks status` exit code: 0 OK, 1 EXPIRING, 2 EXPIRED, 3 MISSING."""
-        return list(TokenState).index(self)
+        return _STATUS_EXIT_CODES[self]
+
+
+# Written out, not the members' order: scripts and monitors depend on these numbers (an
+# interface: docs/operate.md), and a new state must not renumber the others.
+_STATUS_EXIT_CODES = {
+    TokenState.OK: 0,
+    TokenState.EXPIRING: 1,
+    TokenState.EXPIRED: 2,
+    TokenState.MISSING: 3,
+}
 
 
 class StacTokenExpiringError(CarbonMapperError):
@@ -140,7 +147,7 @@ def check_token(
         TokenBlockError: the block exists but cannot be read, or the Prefect API said "not
             found" but is not a healthy Prefect API (e.g. PREFECT_API_URL without `/api`).
     """
-    block_name = _block_name(token_block)
+    block_name = check_block_name("token_block", token_block)
     threshold = check_threshold(threshold_days)
     checked_at = now or datetime.now(timezone.utc)
     token = load_token_block(block_name)
@@ -210,13 +217,6 @@ def _not_json(response: Any) -> Exception | None:
     return ValueError(f"/hello answered {response.status_code} {content_type or 'untyped'}")
 
 
-def _block_name(value: str) -> str:
-    try:
-        return validate_block_name(value)
-    except ValueError as exc:
-        raise ConfigurationError(f"token_block: {exc}.") from None
-
-
 def status_payload(status: TokenStatus) -> dict[str, Any]:
     """The event payload of a check: state, block, token name, expiry, days left, threshold."""
     return status.model_dump(mode="json", exclude={"checked_at"})
@@ -252,45 +252,12 @@ def publish_status(status: TokenStatus) -> None:
     )
 
 
-@flow(name="check-stac-token", persist_result=False)
-def check_stac_token(
-    threshold_days: Annotated[
-        float, Field(json_schema_extra={"minimum": 0, "maximum": MAX_THRESHOLD_DAYS})
-    ] = DEFAULT_THRESHOLD_DAYS,
-    token_block: BlockName = DEFAULT_TOKEN_BLOCK,
-) -> dict[str, Any]:
-    """Check the saved STAC token; fail when it is missing, expired or about to expire.
+def __getattr__(name: str) -> Any:
+    # Deployments made by cm-tasks 0.2 and earlier have the entrypoint
+    # `cm_tasks.watchdog.check_stac_token`: a worker imports this module and looks the flow up
+    # here. Imported on demand, because cm_tasks.flows imports this module.
+    if name == "check_stac_token":
+        from cm_tasks.flows import check_stac_token
 
-    Reads the CarbonMapperStacToken block only (no call to the Carbon Mapper API), leaves a
-    markdown artifact with the days left, and - when the token is missing, expired or expires
-    within threshold_days - emits the event `carbon-mapper.stac-token.expiring` and fails with
-    a message saying what to do.
-
-    Args:
-        threshold_days: Fail when the token has this many days left or fewer, 0 to 365.
-            Default: 3.
-        token_block: Block holding the token, as refresh-stac-token writes it and
-            get_stac_token() reads it. Setting: CM_TOKEN_BLOCK (a worker setting that differs
-            from a default parameter stops a deployment run: set the parameter to it).
-
-    Returns:
-        The status: state, block, token name, expiry, days left, threshold. Never the token.
-
-    Raises:
-        StacTokenExpiringError: the token is missing, expired or expiring.
-
-    Example:
-        ```python
-        from cm_tasks.watchdog import check_stac_token
-
-        status = check_stac_token(threshold_days=5)
-        print(status["state"], status["days_left"])
-        ```
-    """
-    block_name = choose_values(load_settings(), {"token_block": token_block})["token_block"]
-    status = check_token(block_name, threshold_days)
-    publish_status(status)
-    if not status.ok:
-        raise StacTokenExpiringError(status.message)
-    get_run_logger().info(status.message)
-    return status_payload(status)
+        return check_stac_token
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

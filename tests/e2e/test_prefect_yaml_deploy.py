@@ -92,7 +92,7 @@ def test_prefect_yaml_declares_what_the_readme_promises() -> None:
     assert weekly["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     assert weekly["description"]
     assert weekly["tags"]
-    assert by_name["daily"]["entrypoint"] == "cm_tasks.watchdog.check_stac_token"
+    assert by_name["daily"]["entrypoint"] == "cm_tasks.flows.check_stac_token"
     # The package's deployments need no checkout: no build step, no path in the pull step.
     assert config["build"] is None
     assert config["pull"] == [

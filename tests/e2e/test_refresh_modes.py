@@ -739,11 +739,10 @@ def test_the_refresh_deployment_must_exist(
     assert emulator.requests() == before
 
 
-def test_errors_are_refresh_run_errors_and_token_block_errors() -> None:
+def test_refresh_timeout_errors_are_refresh_run_errors() -> None:
     from cm_tasks import RefreshTimeoutError
 
     assert issubclass(RefreshTimeoutError, RefreshRunError)
-    assert issubclass(RefreshRunError, TokenBlockError)
     error = RefreshTimeoutError("x", flow_run_name="a-run", flow_run_id="1", transient=True)
     assert (error.flow_run_name, error.transient) == ("a-run", True)
 

@@ -209,27 +209,28 @@ def test_expiry_date_is_sent_as_a_date(carbon_mapper_credentials: CarbonMapperEm
 
 
 @pytest.mark.parametrize(
-    ("block", "what", "fix"),
+    ("block", "credential", "fix"),
     [
-        ("carbon-mapper-password", "the account password", "`cm-tasks login`"),
+        ("carbon-mapper-password", "ACCOUNT_PASSWORD", "`cm-tasks login`"),
         (
             "team-password",
-            "the account password",
+            "ACCOUNT_PASSWORD",
             "`cm-tasks login --password-block team-password`",
         ),
-        ("team-email", "the account e-mail", "`cm-tasks login --email-block team-email`"),
+        ("team-email", "ACCOUNT_EMAIL", "`cm-tasks login --email-block team-email`"),
     ],
 )
 def test_a_missing_secret_block_names_the_login_that_writes_it(
-    block: str, what: str, fix: str
+    block: str, credential: str, fix: str
 ) -> None:
     # `cm-tasks login` alone writes the default blocks: for another block it was the wrong fix.
+    from cm_tasks import tasks
     from cm_tasks.errors import CredentialsBlockError
     from cm_tasks.tasks import read_secret_block
 
     _delete_block("secret", block)
     with pytest.raises(CredentialsBlockError) as raised:
-        read_secret_block(block, what)
+        read_secret_block(block, getattr(tasks, credential))
     assert fix in str(raised.value)
 
 

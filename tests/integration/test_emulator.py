@@ -14,8 +14,9 @@ import httpx
 import pytest
 from pystac_client import Client
 
-from cm_tasks._jwt import decode_claims, encode_hs256
+from cm_tasks._jwt import decode_claims
 from cm_tasks.testing import DEMO_EMAIL, CarbonMapperEmulator, Fault, run_emulator
+from cm_tasks.testing._jwt import encode_hs256
 
 
 @pytest.fixture

@@ -123,7 +123,7 @@ def test_exit_codes_are_distinct() -> None:
     [
         ({"threshold_days": -1}, "threshold_days is -1; it must be from 0 to 365"),
         ({"threshold_days": 400}, "threshold_days is 400"),
-        ({"token_block": "My Token"}, "token_block: a block name may only contain"),
+        ({"token_block": "My Token"}, "token_block is 'My Token': a block name may only contain"),
     ],
 )
 def test_bad_input_is_named(kwargs: dict[str, Any], message: str) -> None:

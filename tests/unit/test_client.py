@@ -14,7 +14,6 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from cm_tasks import _jwt
 from cm_tasks._version import __version__
 from cm_tasks.client import (
     CREATE_STAC_PATH,
@@ -35,6 +34,7 @@ from cm_tasks.errors import (
 )
 from cm_tasks.retry import RetryPolicy
 from cm_tasks.settings import load_settings
+from cm_tasks.testing import _jwt
 
 BASE_URL = "https://api.example.test/api/v1/"
 EMAIL = "sentinel.user@example.org"

@@ -14,8 +14,8 @@ from copy import deepcopy
 from datetime import date, datetime, timezone
 from typing import Any, Literal
 
-from cm_tasks._jwt import encode_hs256, verify_hs256
 from cm_tasks.testing._faults import QUIRKS, Fault, Quirk
+from cm_tasks.testing._jwt import encode_hs256, verify_hs256
 
 API_PREFIX = "/api/v1/"
 ACCESS_LIFETIME_SECONDS = 5 * 60
@@ -87,24 +87,13 @@ class EmulatorState:
     def issue_pair(self, user_id: int) -> tuple[str, str]:
         """Sign and record a new ``(access, refresh)`` pair for ``user_id``."""
         now = int(time.time())
-        access = self._sign(
-            {
-                "token_type": "access",
-                "exp": now + ACCESS_LIFETIME_SECONDS,
-                "iat": now,
-                "jti": uuid.uuid4().hex,
-                "user_id": user_id,
-            }
-        )
-        refresh = self._sign(
-            {
-                "token_type": "refresh",
-                "exp": now + REFRESH_LIFETIME_SECONDS,
-                "iat": now,
-                "jti": uuid.uuid4().hex,
-                "user_id": user_id,
-            }
-        )
+
+        def token(token_type: str, lifetime: int) -> str:
+            claims = {"token_type": token_type, "exp": now + lifetime, "iat": now}
+            return self._sign({**claims, "jti": uuid.uuid4().hex, "user_id": user_id})
+
+        access = token("access", ACCESS_LIFETIME_SECONDS)
+        refresh = token("refresh", REFRESH_LIFETIME_SECONDS)
         with self._lock:
             self._access.append(access)
             self._refresh.append(refresh)
