@@ -187,7 +187,11 @@ def error_for_response(
 
 
 def _json_object(response: httpx.Response, endpoint: str, key: str) -> dict[str, Any]:
-    """The JSON object of a 2xx response, which must hold a non-empty string under key."""
+    """The JSON object of a 2xx response, which must hold a token under key (stripped).
+
+    Both keys read this way (`access`, `token_value`) are tokens sent later in a header: the
+    value is made header-safe here, the one place every answer passes through.
+    """
     content_type = response.headers.get("content-type", "")
     where = f"{response.status_code} from {endpoint}"
     try:
@@ -216,7 +220,43 @@ def _json_object(response: httpx.Response, endpoint: str, key: str) -> dict[str,
             status_code=response.status_code,
             endpoint=endpoint,
         )
-    return body
+    return {**body, key: _token_field(body, response, endpoint, key)}
+
+
+def header_safe_token(value: str) -> str:
+    """value without surrounding whitespace, if it can go into an `Authorization` header.
+
+    A token with a trailing newline (an API answer, a block edited by hand) would make httpx
+    raise an error that quotes the header, token included: it is stripped here, before it is
+    ever sent. What remains must be visible ASCII (no space or control character inside).
+
+    Raises:
+        ValueError: nothing is left, or a character cannot be sent in a header. The message
+            says which kind, never the value.
+    """
+    token = value.strip()
+    if not token:
+        raise ValueError("the token is empty")
+    if not all("\x21" <= c <= "\x7e" for c in token):
+        raise ValueError(
+            "the token contains a space, control or non-ASCII character, which cannot be sent "
+            "in an HTTP header"
+        )
+    return token
+
+
+def _token_field(body: dict[str, Any], response: httpx.Response, endpoint: str, key: str) -> str:
+    """body[key] as a header-safe token, or UnexpectedResponseError that never quotes it."""
+    try:
+        return header_safe_token(body[key])
+    except ValueError as exc:
+        problem = str(exc)
+    raise UnexpectedResponseError(
+        f"The Carbon Mapper API's {key!r} cannot be used ({response.status_code} from "
+        f"{endpoint}): {problem}. Please report this to the cm-tasks maintainers.",
+        status_code=response.status_code,
+        endpoint=endpoint,
+    )
 
 
 def _parse_datetime(value: object) -> datetime | None:
