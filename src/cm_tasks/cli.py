@@ -249,15 +249,14 @@ def refresh(
         _fail(str(exc), EXIT_USAGE)
 
     from cm_tasks.flows import refresh_stac_token
+    from cm_tasks.run_parameters import given_parameters
 
+    parameters = request.model_dump()
     try:
-        summary: dict[str, Any] = refresh_stac_token(
-            token_name=request.token_name,
-            lifetime_days=request.lifetime_days,
-            email_block=request.email_block,
-            password_block=request.password_block,
-            token_block=request.token_block,
-        )
+        # Every value is an option or this shell's CM_* setting already: explicit, even one
+        # equal to the package default, so the flow must not replace it with a setting.
+        with given_parameters(parameters):
+            summary: dict[str, Any] = refresh_stac_token(**parameters)
     except CarbonMapperError as exc:
         _fail(f"The refresh failed: {exc}")
     except (httpx.HTTPError, OSError) as exc:

@@ -11,7 +11,7 @@ import email.utils
 import json
 import time
 from collections.abc import Callable, Iterable
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -334,6 +334,8 @@ class CarbonMapperClient:
         logger: where retries are reported; defaults to the current Prefect run's logger,
             or the `cm_tasks` logger outside a run.
         sleep: how to wait between attempts (tests pass a fake).
+        clock: the current time, UTC (tests pass a fake); a token's expiry date is counted
+            from it when create-stac is sent.
 
     Example:
         ```python
@@ -359,11 +361,13 @@ class CarbonMapperClient:
         transport: httpx.BaseTransport | None = None,
         logger: _Logger | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.retry = retry or RetryPolicy()
         self._logger: _Logger = logger or RunLogger()
         self._sleep = sleep
+        self._clock = clock
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
@@ -422,7 +426,12 @@ class CarbonMapperClient:
         )
 
     def create_stac_token(
-        self, access_token: SecretStr, name: str, expiration_date: date
+        self,
+        access_token: SecretStr,
+        name: str,
+        expiration_date: date | None = None,
+        *,
+        lifetime_days: int | None = None,
     ) -> IssuedStacToken:
         """Create a scoped STAC token (`POST account/tokens/create-stac`).
 
@@ -430,6 +439,10 @@ class CarbonMapperClient:
             access_token: from `get_token_pair`.
             name: the token's name on the platform.
             expiration_date: the day the token lapses (the API takes a date, not a time).
+            lifetime_days: instead of expiration_date: the token lapses this many days after
+                the UTC date at which the request is sent (each attempt counts again), so a
+                request sent just after midnight never asks for a date the API now calls
+                today.
 
         Not idempotent: retried only when the API cannot have acted on the request (no
         connection, 429, 503), never after a time-out, a lost connection or 500/502/504,
@@ -438,17 +451,26 @@ class CarbonMapperClient:
         Raises:
             CarbonMapperAPIError: the API refused or failed, after retrying transient faults.
         """
+        if (expiration_date is None) == (lifetime_days is None):
+            raise TypeError("give expiration_date or lifetime_days, not both or neither")
         access = access_token.get_secret_value()
+        sent: list[date] = []
+
+        def payload() -> dict[str, str]:
+            day = expiration_date or self._clock().date() + timedelta(days=lifetime_days or 0)
+            sent.append(day)
+            return {"name": name, "expiration_date": day.isoformat()}
+
         body = self._post(
             CREATE_STAC_PATH,
-            lambda: {"name": name, "expiration_date": expiration_date.isoformat()},
+            payload,
             secrets=(access,),
             required_key="token_value",
             headers={"Authorization": f"Bearer {access}"},
             # Each call makes a new token: retried only where the API cannot have acted.
             idempotent=False,
         )
-        return parse_issued_stac_token(body, name, expiration_date)
+        return parse_issued_stac_token(body, name, sent[-1])
 
     def _post(
         self,

@@ -160,8 +160,9 @@ def get_access_token(
 def create_stac_token(
     access_token: SecretStr | str,
     name: str,
-    expiration_date: date,
+    expiration_date: date | None = None,
     client: CarbonMapperClient | None = None,
+    lifetime_days: int | None = None,
 ) -> CarbonMapperStacToken:
     """Create a scoped STAC token; returns it as an unsaved `CarbonMapperStacToken` block.
 
@@ -171,15 +172,16 @@ def create_stac_token(
     Args:
         access_token: from `get_access_token`.
         name: the token's name on the platform.
-        expiration_date: the day the token lapses.
+        expiration_date: the day the token lapses (or give lifetime_days).
         client: a client to reuse; by default one is made from the `CM_*` settings.
+        lifetime_days: days from the UTC date at which the request is sent (not when the
+            task started) to the day the token lapses. Give this or expiration_date.
 
     Returns:
         The new token with its name, expiry, creation time, scopes and base URL.
 
     Example:
         ```python
-        from datetime import date, timedelta
         from prefect import flow
         from cm_tasks import create_stac_token, get_access_token, read_credentials
 
@@ -187,12 +189,14 @@ def create_stac_token(
         def new_token() -> None:
             email, password = read_credentials("carbon-mapper-email", "carbon-mapper-password")
             access = get_access_token(email, password)
-            token = create_stac_token(access, "ingest", date.today() + timedelta(days=14))
+            token = create_stac_token(access, "ingest", lifetime_days=14)
             token.save("my-stac-token", overwrite=True)
         ```
     """
     with _client_or_default(client) as api:
-        issued = api.create_stac_token(_secret(access_token), name, expiration_date)
+        issued = api.create_stac_token(
+            _secret(access_token), name, expiration_date, lifetime_days=lifetime_days
+        )
         return CarbonMapperStacToken.from_issued(issued, api.base_url)
 
 
