@@ -234,6 +234,9 @@ def _reader_note(pair: SettingPair, setting: object) -> str:
 def deployment_parameters(names: list[str], settings: CarbonMapperSettings) -> dict[str, Any]:
     """The deployment parameters that make a run form show this environment's settings.
 
+    `CM_BASE_URL` included: the API a deployment's runs serve is the one it was deployed
+    against, whatever the worker's own setting says.
+
     Only settings that differ from the package default are listed: the others are the flow's
     own defaults already. Use it where a deployment is made or served from an environment
     whose `CM_*` settings its runs will also see.
@@ -250,6 +253,6 @@ def deployment_parameters(names: list[str], settings: CarbonMapperSettings) -> d
     for name in names:
         pair = PAIRS[name]
         setting = getattr(settings, pair.field)
-        if setting != pair.default:
+        if not pair.same(setting, pair.default):
             found[name] = setting
     return found
