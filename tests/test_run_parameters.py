@@ -118,6 +118,9 @@ def test_a_default_parameter_against_a_setting_stops_a_deployment_run() -> None:
 
     message = str(raised.value)
     for name, pair in PAIRS.items():  # every conflict is named, with both values
+        if not pair.guarded:  # base_url: the worker's CM_BASE_URL fills in (test_precedence)
+            assert pair.variable not in message
+            continue
         assert f"{name} is {DEFAULTS[name]!r}" in message
         assert f"{pair.variable}={X[name]!r}" in message
     assert "prefect.yaml `parameters:`" in message

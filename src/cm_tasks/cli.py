@@ -174,7 +174,7 @@ def login(
         hide_input=True,
         confirmation_prompt="Repeat the password",
     )
-    if not password.strip():
+    if not password:  # used byte for byte: spaces are part of a password
         _fail("The password is empty; nothing was saved.")
 
     from prefect.blocks.system import Secret

@@ -25,8 +25,9 @@ follows it. A parameter is explicit when:
     explicit X              Y               X, with a warning (get_stac_token() there reads Y)
     not given, in a Python  Y               Y, logged
     call
-    not given, in a         Y               ParameterConflictError before any call
-    deployment run
+    not given, in a         Y               ParameterConflictError before any call; for
+    deployment run                          base_url, Y, logged (the worker's CM_BASE_URL,
+                                            as before base_url was a parameter)
 
 The last row is the one guess the rule refuses to make: a run of a deployment that does not
 name the parameter (a Quick run, the schedule) shows the package default in the run form,
@@ -74,6 +75,9 @@ class SettingPair:
     default: object
     # The spelling in which two values are compared: two URLs of one API are one value.
     canonical: Callable[[Any], object] = dataclass_field(default=lambda value: value)
+    # Whether a deployment run that was not given the parameter stops when the worker's
+    # setting differs (ParameterConflictError), or takes the setting, logged.
+    guarded: bool = True
 
     def same(self, a: object, b: object) -> bool:
         """Whether a and b name the same thing (`https://h/api/v1` is `https://h/api/v1/`)."""
@@ -88,7 +92,10 @@ class SettingPair:
 PAIRS: dict[str, SettingPair] = {
     pair.parameter: pair
     for pair in (
-        SettingPair("base_url", "base_url", DEFAULT_BASE_URL, api_identity),
+        # Not guarded: workers set CM_BASE_URL (a staging API, the emulator) for runs of
+        # deployments made before base_url existed; the token then matches what
+        # get_stac_token() there reads, as it always did.
+        SettingPair("base_url", "base_url", DEFAULT_BASE_URL, api_identity, guarded=False),
         SettingPair("lifetime_days", "token_lifetime_days", DEFAULT_TOKEN_LIFETIME_DAYS),
         SettingPair("email_block", "email_block", DEFAULT_EMAIL_BLOCK),
         SettingPair("password_block", "password_block", DEFAULT_PASSWORD_BLOCK),
@@ -198,7 +205,7 @@ def choose_values(
                 setting,
                 _reader_note(pair, setting),
             )
-        elif deployment_run:
+        elif deployment_run and pair.guarded:
             conflicts.append(
                 f"{name} is {value!r}, the package default the run form shows (neither the "
                 f"deployment nor the run sets it), but this worker sets "

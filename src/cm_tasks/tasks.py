@@ -8,9 +8,8 @@ Retries of the Carbon Mapper calls happen inside the client (transient faults on
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import date
 from typing import Any, cast
 
@@ -43,49 +42,62 @@ def _client_or_default(client: CarbonMapperClient | None) -> Iterator[CarbonMapp
 
 
 def read_secret_block(block_name: str, what: str) -> SecretStr:
-    """The string held by a Prefect `Secret` block, kept secret.
+    """The text held by a Prefect `Secret` block, kept secret and used exactly as stored.
+
+    A password is used byte for byte: surrounding spaces and text that looks like JSON
+    (`[20240611]`, `{"a":1}`) are part of it. Prefect keeps a string saved with
+    `Secret(value="...")` (as `cm-tasks login` does) a string on every supported version;
+    only `Secret.get()` would parse it as JSON, so it is not called here. An e-mail address
+    is stripped of surrounding whitespace (an address has none).
 
     Args:
         block_name: name of the Secret block.
         what: what it should hold, for the error message (e.g. "the account e-mail").
 
     Raises:
-        CredentialsBlockError: the block is missing, empty, or holds JSON instead of a string;
-            the message names the block and how to create it.
+        CredentialsBlockError: the block is missing, empty, or holds a JSON value (a list,
+            an object, a number: saved from the UI's JSON input or `Secret(value=[...])`)
+            instead of text; the message names the block and how to store it as text.
     """
-    # `cm-tasks login` writes the default blocks; another block needs its option.
-    option, default = (
-        ("--password-block", DEFAULT_PASSWORD_BLOCK)
-        if "password" in what
-        else ("--email-block", DEFAULT_EMAIL_BLOCK)
-    )
-    login = "cm-tasks login" + ("" if block_name == default else f" {option} {block_name}")
-    how_to_fix = (
-        f"Create it with `{login}`, or in Python: "
-        f"`Secret(value=...).save({block_name!r}, overwrite=True)` "
-        "(from prefect.blocks.system import Secret)."
-    )
+    is_password = "password" in what
     try:
         # _sync: a sync read even when called from async code (async_dispatch would await)
         block = cast("Secret[Any]", Secret.load(block_name, _sync=True))  # type: ignore[call-arg]
     except (ValueError, ObjectNotFound):
         raise CredentialsBlockError(
-            f"The Secret block {block_name!r} with {what} does not exist. {how_to_fix}"
+            f"The Secret block {block_name!r} with {what} does not exist. "
+            + _store_as_text(block_name, is_password)
         ) from None
     value = block.value.get_secret_value()
-    if isinstance(value, str) and value.strip()[:1] in ("{", "["):
-        with suppress(ValueError):
-            value = json.loads(value)
     if not isinstance(value, str):
         raise CredentialsBlockError(
-            f"The Secret block {block_name!r} holds JSON ({type(value).__name__}), but it "
-            f"should hold {what} as plain text. {how_to_fix}"
+            f"The Secret block {block_name!r} holds a JSON {type(value).__name__}, not text; "
+            f"it should hold {what} as text. " + _store_as_text(block_name, is_password)
         )
-    if not value.strip():
+    if not is_password:
+        value = value.strip()
+    if not value:
         raise CredentialsBlockError(
-            f"The Secret block {block_name!r} is empty; it should hold {what}. {how_to_fix}"
+            f"The Secret block {block_name!r} is empty; it should hold {what}. "
+            + _store_as_text(block_name, is_password)
         )
-    return SecretStr(value.strip())
+    return SecretStr(value)
+
+
+def _store_as_text(block_name: str, is_password: bool) -> str:
+    """How to (re)write a credentials block as text: `cm-tasks login` or Python."""
+    # `cm-tasks login` writes the default blocks; another block needs its option.
+    option, default = (
+        ("--password-block", DEFAULT_PASSWORD_BLOCK)
+        if is_password
+        else ("--email-block", DEFAULT_EMAIL_BLOCK)
+    )
+    login = "cm-tasks login" + ("" if block_name == default else f" {option} {block_name}")
+    return (
+        f"Store it with `{login}` (it saves exactly what you type, as text), or in Python: "
+        f"`Secret(value=...).save({block_name!r}, overwrite=True)` with a str "
+        "(from prefect.blocks.system import Secret)."
+    )
 
 
 @task(name="read-credentials", persist_result=False)

@@ -95,3 +95,19 @@ def test_a_malformed_base_url_parameter_is_refused_before_any_call(
 def test_cli_refresh_with_a_bad_option_exits_64(team_settings: CarbonMapperEmulator) -> None:
     result = CliRunner().invoke(app, ["refresh", "--lifetime-days", "0"])
     assert result.exit_code == EXIT_USAGE
+
+
+def test_a_deployment_run_not_given_base_url_takes_the_workers_setting() -> None:
+    from cm_tasks.run_parameters import ParameterConflictError, choose_values
+    from cm_tasks.settings import load_settings
+
+    worker = load_settings(base_url="http://127.0.0.1:8787/api/v1/", token_block="team-token")
+
+    chosen = choose_values(
+        worker,
+        {"base_url": "https://api.carbonmapper.org/api/v1/"},
+        deployment_run=True,
+    )
+    assert chosen == {"base_url": "http://127.0.0.1:8787/api/v1/"}
+    with pytest.raises(ParameterConflictError):  # a block name the form does not show: stops
+        choose_values(worker, {"token_block": DEFAULT_BLOCK}, deployment_run=True)
