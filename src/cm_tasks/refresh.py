@@ -237,7 +237,7 @@ def _warn_if_replacing_another_api(block_name: str, base_url: str) -> None:
         return
     if existing is not None and api_identity(existing.base_url) != api_identity(base_url):
         current_logger().warning(
-            "Block %r held a token for %s; it now holds one for %s (CM_BASE_URL). Code that "
+            "Block %r held a token for %s; it now holds one for %s (base_url). Code that "
             "uses this block with the other API will get a ConfigurationError: give each API "
             "its own token block (CM_TOKEN_BLOCK).",
             block_name,
