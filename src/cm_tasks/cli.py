@@ -441,8 +441,9 @@ def deploy(
     Safe to run again: it updates them in place. Their entrypoints are module paths of the
     installed package, with no pull step, so any worker on the pool that has cm-tasks
     installed runs them: no checkout needed. Start one with
-    `prefect worker start --pool carbon-mapper`. Block names and a token lifetime set by
-    CM_* settings here become the deployments' parameters, so the run form shows them.
+    `prefect worker start --pool carbon-mapper`. The API (CM_BASE_URL), block names and
+    token lifetime set by CM_* settings here become the deployments' parameters, so the run
+    form shows them and a worker's own settings cannot redirect the runs.
     """
     _settings(EXIT_USAGE)  # a bad CM_* setting is a usage error, before any Prefect call
     try:
