@@ -172,8 +172,9 @@ def choose_values(
         parameters that override a setting are logged.
 
     Raises:
-        ParameterConflictError: in a deployment run, a parameter is at its default while its
-            setting names something else; the message lists each and how to fix it.
+        ParameterConflictError: in a deployment run, a guarded parameter that neither the
+            deployment nor the run sets is at its default while the worker's setting names
+            something else; the message lists each and how to fix it.
 
     Example:
         ```python
