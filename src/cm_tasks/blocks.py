@@ -10,7 +10,7 @@ from prefect.blocks.core import Block
 from prefect.exceptions import ObjectNotFound
 from pydantic import ConfigDict, Field, HttpUrl, SecretStr, ValidationError, field_validator
 
-from cm_tasks.client import IssuedStacToken
+from cm_tasks.client import IssuedStacToken, header_safe_token
 from cm_tasks.errors import TokenBlockError
 
 
@@ -60,6 +60,13 @@ class CarbonMapperStacToken(Block):
         description="Base URL of the platform API the token belongs to (ends in /api/v1/)."
     )
 
+    @field_validator("token")
+    @classmethod
+    def _header_safe(cls, value: SecretStr) -> SecretStr:
+        # A token edited by hand in the UI may end in a space or newline: sent as it is, httpx
+        # would raise an error quoting the header, token included. Strip it or refuse it.
+        return SecretStr(header_safe_token(value.get_secret_value()))
+
     @field_validator("expires_at", "created_at")
     @classmethod
     def _aware_utc(cls, value: datetime) -> datetime:
@@ -108,13 +115,10 @@ def load_token_block(block_name: str) -> CarbonMapperStacToken | None:
         # _sync: a sync read even from code an event loop runs (async_dispatch would hand
         # back a coroutine there).
         block = CarbonMapperStacToken.load(block_name, _sync=True)  # type: ignore[call-arg]
-    except (ValidationError, RuntimeError):
+    except (ValidationError, RuntimeError) as exc:
         # Prefect raises RuntimeError from pydantic's ValidationError, whose message quotes
         # the stored values, the token included: neither is chained.
-        raise TokenBlockError(
-            f"The block {block_name!r} exists but is not a readable CarbonMapperStacToken "
-            "(saved with another schema?). Run the refresh-stac-token flow to write it again."
-        ) from None
+        raise TokenBlockError(_unreadable(block_name, exc)) from None
     except json.JSONDecodeError:
         # A 200 that is not JSON (a proxy's or web app's page at PREFECT_API_URL) is no
         # "not found"; raised below, outside the except block, so the page is not kept.
@@ -130,4 +134,22 @@ def load_token_block(block_name: str) -> CarbonMapperStacToken | None:
         "but not as a Prefect API (not JSON). Check PREFECT_API_URL: it ends in /api, e.g. "
         "http://127.0.0.1:4200/api.",
         transient=True,
+    )
+
+
+def _unreadable(block_name: str, error: BaseException) -> str:
+    """Why the block cannot be read as a token block, and the fix; never a stored value."""
+    validation = error if isinstance(error, ValidationError) else error.__cause__
+    if isinstance(validation, ValidationError) and any(
+        problem["loc"] == ("token",) and problem["type"] == "value_error"
+        for problem in validation.errors(include_input=False, include_url=False)
+    ):
+        return (
+            f"The block {block_name!r} holds a token that cannot be sent: it is empty or has a "
+            "space, control or non-ASCII character inside it (was it edited by hand?). Run the "
+            "refresh-stac-token flow (or `cm-tasks refresh`) to write a new one."
+        )
+    return (
+        f"The block {block_name!r} exists but is not a readable CarbonMapperStacToken "
+        "(saved with another schema?). Run the refresh-stac-token flow to write it again."
     )

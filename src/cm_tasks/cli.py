@@ -3,7 +3,7 @@
     cm-tasks login      save the account e-mail and password to two Secret blocks (prompted)
     cm-tasks refresh    run the refresh-stac-token flow now and print the summary
     cm-tasks status     token name, expiry, days left; exit 0 OK, 1 EXPIRING, 2 EXPIRED,
-                        3 MISSING, 4 could not check
+                        3 MISSING, 4 could not check, 5 token for another API
     cm-tasks emulator   serve the Carbon Mapper API emulator on 127.0.0.1
     cm-tasks deploy     create or update the weekly refresh and daily check on a work pool
     cm-tasks serve      run the same two deployments from this process (no pool, no worker)
@@ -30,7 +30,12 @@ from cm_tasks import deployments
 from cm_tasks._version import __version__
 from cm_tasks.errors import CarbonMapperError, ConfigurationError
 from cm_tasks.notify import days_left
-from cm_tasks.settings import CarbonMapperSettings, load_settings, validate_block_name
+from cm_tasks.settings import (
+    CarbonMapperSettings,
+    api_identity,
+    load_settings,
+    validate_block_name,
+)
 from cm_tasks.watchdog import DEFAULT_THRESHOLD_DAYS, TokenState, TokenStatus, check_token
 
 # Typer re-exports Click's BadParameter (from its own vendored copy of Click since 0.2x):
@@ -41,6 +46,7 @@ _ClickException = cast("type[typer.BadParameter]", typer.BadParameter.__mro__[2]
 
 EXIT_FAILED = 1
 EXIT_CHECK_ERROR = 4
+EXIT_WRONG_API = 5  # status: the block holds a token for another API than CM_BASE_URL
 EXIT_USAGE = 64  # BSD sysexits EX_USAGE: kept apart from status's 0-4
 STATUS_STYLES = {
     TokenState.OK: "green",
@@ -168,7 +174,7 @@ def login(
         hide_input=True,
         confirmation_prompt="Repeat the password",
     )
-    if not password.strip():
+    if not password:  # used byte for byte: spaces are part of a password
         _fail("The password is empty; nothing was saved.")
 
     from prefect.blocks.system import Secret
@@ -249,15 +255,14 @@ def refresh(
         _fail(str(exc), EXIT_USAGE)
 
     from cm_tasks.flows import refresh_stac_token
+    from cm_tasks.run_parameters import given_parameters
 
+    parameters = request.model_dump()
     try:
-        summary: dict[str, Any] = refresh_stac_token(
-            token_name=request.token_name,
-            lifetime_days=request.lifetime_days,
-            email_block=request.email_block,
-            password_block=request.password_block,
-            token_block=request.token_block,
-        )
+        # Every value is an option or this shell's CM_* setting already: explicit, even one
+        # equal to the package default, so the flow must not replace it with a setting.
+        with given_parameters(parameters):
+            summary: dict[str, Any] = refresh_stac_token(**parameters)
     except CarbonMapperError as exc:
         _fail(f"The refresh failed: {exc}")
     except (httpx.HTTPError, OSError) as exc:
@@ -305,28 +310,57 @@ def status(
 
     Exit codes: 0 OK, 1 EXPIRING (within --threshold-days), 2 EXPIRED, 3 MISSING (a healthy
     Prefect API has no such block), 4 could not check (Prefect API unreachable or not a
-    Prefect API, e.g. PREFECT_API_URL without /api; bad setting; unreadable block).
+    Prefect API, e.g. PREFECT_API_URL without /api; bad setting; unreadable block), 5 the
+    token is for another API than CM_BASE_URL (get_stac_token() here would refuse it).
     Reads the block only: no call to the Carbon Mapper API.
     """
-    block_name = token_block or _settings(EXIT_CHECK_ERROR).token_block
+    settings = _settings(EXIT_CHECK_ERROR)
+    block_name = token_block or settings.token_block
     try:
         result = check_token(block_name, threshold_days)
     except CarbonMapperError as exc:
         _fail(str(exc), EXIT_CHECK_ERROR)
     except (httpx.HTTPError, OSError) as exc:
         _fail(f"Could not read the token block: {_prefect_error(exc)}", EXIT_CHECK_ERROR)
+    wrong_api = _wrong_api(result, settings.base_url)
+    message = wrong_api or result.message
     if as_json:
-        typer.echo(json.dumps({**result.model_dump(mode="json"), "message": result.message}))
+        typer.echo(
+            json.dumps(
+                {
+                    **result.model_dump(mode="json"),
+                    "expected_base_url": settings.base_url,
+                    "message": message,
+                }
+            )
+        )
     else:
-        _print_status(result)
-    raise typer.Exit(result.state.exit_code)
+        _print_status(result, wrong_api)
+    raise typer.Exit(EXIT_WRONG_API if wrong_api else result.state.exit_code)
 
 
-def _print_status(result: TokenStatus) -> None:
+def _wrong_api(result: TokenStatus, expected: str) -> str | None:
+    """What to do when the block holds a token for another API than this one; else None."""
+    if result.base_url is None or api_identity(result.base_url) == api_identity(expected):
+        return None
+    return (
+        f"WRONG API: block {result.token_block!r} holds a token for {result.base_url}, but "
+        f"this environment uses {expected} (CM_BASE_URL): get_stac_token() here refuses it. "
+        "Run `cm-tasks refresh` here to save a token for this API, or set CM_BASE_URL to the "
+        "block's API; give each API its own block (--token-block, CM_TOKEN_BLOCK)."
+    )
+
+
+def _print_status(result: TokenStatus, wrong_api: str | None = None) -> None:
     style = STATUS_STYLES[result.state]
     table = Table(show_header=False, box=None)
-    table.add_row("status", f"[bold {style}]{result.state.value}[/]")
+    if wrong_api:
+        table.add_row("status", "[bold red]WRONG API[/]")
+    else:
+        table.add_row("status", f"[bold {style}]{result.state.value}[/]")
     table.add_row("block", result.token_block)
+    if result.base_url is not None:
+        table.add_row("API", result.base_url)
     if result.expires_at is not None:
         table.add_row("token name", result.token_name or "")
         table.add_row("expires", f"{result.expires_at:%Y-%m-%d %H:%M} UTC")
@@ -334,8 +368,8 @@ def _print_status(result: TokenStatus) -> None:
         table.add_row("scopes", ", ".join(result.scopes) or "none listed")
     out = _out()
     out.print(table)
-    if not result.ok:
-        out.print(result.message, highlight=False, markup=False)
+    if wrong_api or not result.ok:
+        out.print(wrong_api or result.message, highlight=False, markup=False)
 
 
 @app.command()
@@ -407,8 +441,9 @@ def deploy(
     Safe to run again: it updates them in place. Their entrypoints are module paths of the
     installed package, with no pull step, so any worker on the pool that has cm-tasks
     installed runs them: no checkout needed. Start one with
-    `prefect worker start --pool carbon-mapper`. Block names and a token lifetime set by
-    CM_* settings here become the deployments' parameters, so the run form shows them.
+    `prefect worker start --pool carbon-mapper`. The API (CM_BASE_URL), block names and
+    token lifetime set by CM_* settings here become the deployments' parameters, so the run
+    form shows them and a worker's own settings cannot redirect the runs.
     """
     _settings(EXIT_USAGE)  # a bad CM_* setting is a usage error, before any Prefect call
     try:

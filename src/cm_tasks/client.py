@@ -11,7 +11,7 @@ import email.utils
 import json
 import time
 from collections.abc import Callable, Iterable
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -206,7 +206,11 @@ def error_for_response(
 
 
 def _json_object(response: httpx.Response, endpoint: str, key: str) -> dict[str, Any]:
-    """The JSON object of a 2xx response, which must hold a non-empty string under key."""
+    """The JSON object of a 2xx response, which must hold a token under key (stripped).
+
+    Both keys read this way (`access`, `token_value`) are tokens sent later in a header: the
+    value is made header-safe here, the one place every answer passes through.
+    """
     content_type = response.headers.get("content-type", "")
     where = f"{response.status_code} from {endpoint}"
     try:
@@ -235,7 +239,43 @@ def _json_object(response: httpx.Response, endpoint: str, key: str) -> dict[str,
             status_code=response.status_code,
             endpoint=endpoint,
         )
-    return body
+    return {**body, key: _token_field(body, response, endpoint, key)}
+
+
+def header_safe_token(value: str) -> str:
+    """value without surrounding whitespace, if it can go into an `Authorization` header.
+
+    A token with a trailing newline (an API answer, a block edited by hand) would make httpx
+    raise an error that quotes the header, token included: it is stripped here, before it is
+    ever sent. What remains must be visible ASCII (no space or control character inside).
+
+    Raises:
+        ValueError: nothing is left, or a character cannot be sent in a header. The message
+            says which kind, never the value.
+    """
+    token = value.strip()
+    if not token:
+        raise ValueError("the token is empty")
+    if not all("\x21" <= c <= "\x7e" for c in token):
+        raise ValueError(
+            "the token contains a space, control or non-ASCII character, which cannot be sent "
+            "in an HTTP header"
+        )
+    return token
+
+
+def _token_field(body: dict[str, Any], response: httpx.Response, endpoint: str, key: str) -> str:
+    """body[key] as a header-safe token, or UnexpectedResponseError that never quotes it."""
+    try:
+        return header_safe_token(body[key])
+    except ValueError as exc:
+        problem = str(exc)
+    raise UnexpectedResponseError(
+        f"The Carbon Mapper API's {key!r} cannot be used ({response.status_code} from "
+        f"{endpoint}): {problem}. Please report this to the cm-tasks maintainers.",
+        status_code=response.status_code,
+        endpoint=endpoint,
+    )
 
 
 def _parse_datetime(value: object) -> datetime | None:
@@ -313,6 +353,8 @@ class CarbonMapperClient:
         logger: where retries are reported; defaults to the current Prefect run's logger,
             or the `cm_tasks` logger outside a run.
         sleep: how to wait between attempts (tests pass a fake).
+        clock: the current time, UTC (tests pass a fake); a token's expiry date is counted
+            from it when create-stac is sent.
 
     Example:
         ```python
@@ -338,11 +380,13 @@ class CarbonMapperClient:
         transport: httpx.BaseTransport | None = None,
         logger: _Logger | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.retry = retry or RetryPolicy()
         self._logger: _Logger = logger or RunLogger()
         self._sleep = sleep
+        self._clock = clock
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=api_timeout(timeout),
@@ -401,7 +445,12 @@ class CarbonMapperClient:
         )
 
     def create_stac_token(
-        self, access_token: SecretStr, name: str, expiration_date: date
+        self,
+        access_token: SecretStr,
+        name: str,
+        expiration_date: date | None = None,
+        *,
+        lifetime_days: int | None = None,
     ) -> IssuedStacToken:
         """Create a scoped STAC token (`POST account/tokens/create-stac`).
 
@@ -409,6 +458,10 @@ class CarbonMapperClient:
             access_token: from `get_token_pair`.
             name: the token's name on the platform.
             expiration_date: the day the token lapses (the API takes a date, not a time).
+            lifetime_days: instead of expiration_date: the token lapses this many days after
+                the UTC date at which the request is sent (each attempt counts again), so a
+                request sent just after midnight never asks for a date the API now calls
+                today.
 
         Not idempotent: retried only when the API cannot have acted on the request (no
         connection, 429, 503), never after a time-out, a lost connection or 500/502/504,
@@ -417,17 +470,26 @@ class CarbonMapperClient:
         Raises:
             CarbonMapperAPIError: the API refused or failed, after retrying transient faults.
         """
+        if (expiration_date is None) == (lifetime_days is None):
+            raise TypeError("give expiration_date or lifetime_days, not both or neither")
         access = access_token.get_secret_value()
+        sent: list[date] = []
+
+        def payload() -> dict[str, str]:
+            day = expiration_date or self._clock().date() + timedelta(days=lifetime_days or 0)
+            sent.append(day)
+            return {"name": name, "expiration_date": day.isoformat()}
+
         body = self._post(
             CREATE_STAC_PATH,
-            lambda: {"name": name, "expiration_date": expiration_date.isoformat()},
+            payload,
             secrets=(access,),
             required_key="token_value",
             headers={"Authorization": f"Bearer {access}"},
             # Each call makes a new token: retried only where the API cannot have acted.
             idempotent=False,
         )
-        return parse_issued_stac_token(body, name, expiration_date)
+        return parse_issued_stac_token(body, name, sent[-1])
 
     def _post(
         self,

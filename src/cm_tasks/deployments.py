@@ -134,7 +134,7 @@ class DeploymentSpec:
 
     @staticmethod
     def parameters(flow: Flow[..., Any]) -> dict[str, Any]:
-        """The deployment parameters that carry this environment's `CM_*` block names and lifetime.
+        """The deployment parameters that carry this environment's `CM_*` API, blocks and lifetime.
 
         Empty where the settings are the package defaults. Otherwise the run form shows the
         values this environment uses, and a run started by `serve` (or by a worker with the

@@ -15,6 +15,7 @@ from cm_tasks.refresh import MAX_TOKEN_NAME_LENGTH, RefreshSummary, resolve_requ
 from cm_tasks.run_parameters import choose_values
 from cm_tasks.settings import (
     BLOCK_NAME_PATTERN,
+    DEFAULT_BASE_URL,
     DEFAULT_EMAIL_BLOCK,
     DEFAULT_PASSWORD_BLOCK,
     DEFAULT_TOKEN_BLOCK,
@@ -51,6 +52,7 @@ def refresh_stac_token(
     email_block: BlockName = DEFAULT_EMAIL_BLOCK,
     password_block: BlockName = DEFAULT_PASSWORD_BLOCK,
     token_block: BlockName = DEFAULT_TOKEN_BLOCK,
+    base_url: str = DEFAULT_BASE_URL,
 ) -> dict[str, Any]:
     """Get a new Carbon Mapper STAC token and save it to a block for ingest flows.
 
@@ -59,10 +61,11 @@ def refresh_stac_token(
     written only once the new token is in hand: on any failure the stored token is unchanged.
     No parameter is required and none is secret.
 
-    Parameters and `CM_*` settings: a parameter that differs from its default is used. One
-    left at its default takes the matching `CM_*` setting when the flow is called from Python;
-    in a deployment run, a worker setting that differs from a default parameter stops the run
-    before any call - set the deployment's parameter to it (see `cm_tasks.run_parameters`).
+    Parameters and `CM_*` settings: an explicit argument, CLI option or run parameter beats a
+    `CM_*` setting; `CM_*` settings fill in what nothing explicit says. In a deployment run
+    that does not set a parameter (a Quick run, the schedule), a worker setting that differs
+    from the default the run form shows stops the run before any call - set the deployment's
+    parameter to it (see `cm_tasks.run_parameters`).
 
     Args:
         token_name: Name of the new token on the platform, up to 100 characters. Leave it
@@ -76,6 +79,10 @@ def refresh_stac_token(
             CM_PASSWORD_BLOCK.
         token_block: Block the new token is saved to; get_stac_token() in ingest code reads
             the block CM_TOKEN_BLOCK names. Setting: CM_TOKEN_BLOCK.
+        base_url: Carbon Mapper platform API the new token is for, ending in /api/v1/ (the
+            production API by default). `cm-tasks deploy` sets it to the CM_BASE_URL it was
+            run with; the worker's own CM_BASE_URL does not change where a run goes that
+            sets it. Setting: CM_BASE_URL.
 
     Returns:
         A summary: token block, token name, expiry (ISO 8601, UTC) and scopes. Never the token.
@@ -98,6 +105,7 @@ def refresh_stac_token(
             "email_block": email_block,
             "password_block": password_block,
             "token_block": token_block,
+            "base_url": base_url,
         },
     )
     request = resolve_request(
@@ -107,6 +115,7 @@ def refresh_stac_token(
         email_block=chosen["email_block"],
         password_block=chosen["password_block"],
         token_block=chosen["token_block"],
+        base_url=chosen["base_url"],
     )
     token = run_refresh(request, settings)
     summary = RefreshSummary.of(token, request.token_block)

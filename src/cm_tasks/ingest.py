@@ -51,6 +51,8 @@ PROGRESS_STEP = 5.0
 PROGRESS_INTERVAL = 1.0
 """...but at most once per this many seconds: each update is a Prefect API call."""
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_CREDENTIAL_HEADERS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+_MIN_QUOTED = 8  # header words shorter than this (e.g. "Bearer") are no secret to withhold
 _NAME_MAX = 255  # bytes in one path component on common file systems (ASCII here: chars)
 
 
@@ -171,19 +173,46 @@ async def _request(http: httpx.AsyncClient, method: str, url: str, **kwargs: Any
     """http.request, whose transport errors (time-outs, dropped connections) carry no token.
 
     httpx attaches the request it was sending, STAC token in its headers, to the error: the
-    error is raised again as a copy of the same type with a bare request (method and URL),
-    outside the except block so that the original is not kept as its __context__.
+    error is raised again as a copy of the same type with a bare request (method and URL) and a
+    message that quotes no header value (h11 quotes an illegal one: `Illegal header value
+    b'Bearer <token>\\n'`), outside the except block so the original is not its __context__.
     """
     try:
         return await http.request(method, url, **kwargs)
     except httpx.RequestError as exc:
         try:
-            sent = exc.request
-            bare = httpx.Request(sent.method, sent.url)
+            sent: httpx.Request | None = exc.request
         except RuntimeError:  # no request attached
-            bare = httpx.Request(method, http.base_url.join(url))
-        error = type(exc)(str(exc), request=bare)
+            sent = None
+        bare = httpx.Request(method, http.base_url.join(url))
+        if sent is not None:
+            bare = httpx.Request(sent.method, sent.url)
+        error = type(exc)(_message_without_headers(exc, sent, http), request=bare)
     raise error
+
+
+def _message_without_headers(
+    exc: httpx.RequestError, sent: httpx.Request | None, http: httpx.AsyncClient
+) -> str:
+    """str(exc), unless it quotes any part of a credential header that was (or would be) sent.
+
+    A quoted value withholds the whole message: a partial mask could leave an escaped
+    remainder readable.
+    """
+    message = str(exc)
+    headers = [*http.headers.raw, *(sent.headers.raw if sent is not None else ())]
+    for name, value in headers:
+        if name.lower() not in _CREDENTIAL_HEADERS:
+            continue
+        for word in value.split():
+            forms = {word.decode("latin-1"), repr(word)[2:-1]}
+            if len(word) >= _MIN_QUOTED and any(form in message for form in forms):
+                return (
+                    f"{type(exc).__name__}: the request could not be sent (the error quoted a "
+                    "request header, so its text is withheld). A token with a space or "
+                    "control character is the usual cause: run the refresh to replace it."
+                )
+    return message
 
 
 class _PageGuard:

@@ -8,7 +8,7 @@ it was.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
@@ -20,12 +20,14 @@ from cm_tasks.client import CarbonMapperClient
 from cm_tasks.errors import BadCredentialsError, ConfigurationError
 from cm_tasks.notify import publish_refreshed
 from cm_tasks.settings import (
+    DEFAULT_BASE_URL,
     DEFAULT_TOKEN_LIFETIME_DAYS,
     MAX_LIFETIME_DAYS,
     MIN_LIFETIME_DAYS,
     CarbonMapperSettings,
     api_identity,
     check_block_name,
+    validate_base_url,
 )
 from cm_tasks.tasks import create_stac_token, get_access_token, read_credentials, save_stac_token
 
@@ -40,10 +42,10 @@ class RefreshRequest(BaseModel):
 
     token_name: str
     lifetime_days: int
-    expiration_date: date
     email_block: str
     password_block: str
     token_block: str
+    base_url: str
 
 
 class RefreshSummary(BaseModel):
@@ -118,9 +120,11 @@ def resolve_request(
     email_block: str | None = None,
     password_block: str | None = None,
     token_block: str | None = None,
-    today: date | None = None,
+    base_url: str | None = None,
 ) -> RefreshRequest:
     """Fill defaults from settings and check every value, before anything is sent anywhere.
+
+    The expiry date is not fixed here: it is counted from the day create-stac is sent.
 
     Raises:
         ConfigurationError: a value is unusable; the message says which and why.
@@ -131,10 +135,21 @@ def resolve_request(
     return RefreshRequest(
         token_name=_check_token_name(token_name),
         lifetime_days=lifetime,
-        expiration_date=(today or datetime.now(timezone.utc).date()) + timedelta(days=lifetime),
         email_block=_check_block("email_block", email_block, settings.email_block),
         password_block=_check_block("password_block", password_block, settings.password_block),
         token_block=_check_block("token_block", token_block, settings.token_block),
+        base_url=settings.base_url if base_url is None else _check_base_url(base_url),
+    )
+
+
+def _check_base_url(value: str) -> str:
+    try:
+        return validate_base_url(value)
+    except ValueError as exc:
+        problem = str(exc)
+    raise ConfigurationError(
+        f"base_url {problem} (it is {value!r}). Give the platform API's base URL, e.g. "
+        f"{DEFAULT_BASE_URL} (the default). Nothing was sent and the stored token is unchanged."
     )
 
 
@@ -175,7 +190,10 @@ def _refresh(
     client: CarbonMapperClient | None,
 ) -> CarbonMapperStacToken:
     email, password = read_credentials(request.email_block, request.password_block)
-    api = client or CarbonMapperClient.from_settings(settings, logger=RunLogger())
+    # The request's API, not necessarily this process's CM_BASE_URL (a run parameter beats it).
+    api = client or CarbonMapperClient.from_settings(
+        settings.model_copy(update={"base_url": request.base_url}), logger=RunLogger()
+    )
     try:
         try:
             access = get_access_token(email, password, client=api)
@@ -187,7 +205,9 @@ def _refresh(
                 status_code=exc.status_code,
                 endpoint=exc.endpoint,
             ) from None
-        token = create_stac_token(access, request.token_name, request.expiration_date, client=api)
+        token = create_stac_token(
+            access, request.token_name, client=api, lifetime_days=request.lifetime_days
+        )
     finally:
         if client is None:
             api.close()
@@ -209,7 +229,7 @@ def _warn_if_replacing_another_api(block_name: str, base_url: str) -> None:
         return
     if existing is not None and api_identity(existing.base_url) != api_identity(base_url):
         current_logger().warning(
-            "Block %r held a token for %s; it now holds one for %s (CM_BASE_URL). Code that "
+            "Block %r held a token for %s; it now holds one for %s (base_url). Code that "
             "uses this block with the other API will get a ConfigurationError: give each API "
             "its own token block (CM_TOKEN_BLOCK).",
             block_name,

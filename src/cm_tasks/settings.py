@@ -130,22 +130,7 @@ class CarbonMapperSettings(BaseSettings):
     @field_validator("base_url")
     @classmethod
     def _normalise_base_url(cls, value: str) -> str:
-        parts = urlsplit(value.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL such as https://api.carbonmapper.org/api/v1/")
-        if parts.query or parts.fragment:
-            raise ValueError("must not contain a query string or fragment")
-        if parts.username or parts.password:
-            raise ValueError("must not contain a user name or password")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            warnings.warn(
-                f"CM_BASE_URL uses plain http:// to {parts.hostname}: the account password and "
-                "tokens would travel unencrypted. Use https:// for any host but this machine.",
-                InsecureBaseURLWarning,
-                stacklevel=2,
-            )
-        url = value.strip()
-        return url if url.endswith("/") else url + "/"
+        return validate_base_url(value)
 
     @field_validator("email_block", "password_block", "token_block")
     @classmethod
@@ -167,6 +152,33 @@ class CarbonMapperSettings(BaseSettings):
                 f"{DEFAULT_REFRESH_DEPLOYMENT}"
             )
         return value.strip()
+
+
+def validate_base_url(value: str) -> str:
+    """value as a base URL ending in `/`, or ValueError saying what is wrong (never the URL).
+
+    Warns (`InsecureBaseURLWarning`) for plain http:// to any host but this machine.
+    """
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http(s) URL such as https://api.carbonmapper.org/api/v1/")
+    if parts.query or parts.fragment:
+        raise ValueError("must not contain a query string or fragment")
+    if parts.username or parts.password:
+        raise ValueError("must not contain a user name or password")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+    except ValueError:
+        raise ValueError("has a port that is not a number from 0 to 65535") from None
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        warnings.warn(
+            f"CM_BASE_URL uses plain http:// to {parts.hostname}: the account password and "
+            "tokens would travel unencrypted. Use https:// for any host but this machine.",
+            InsecureBaseURLWarning,
+            stacklevel=2,
+        )
+    url = value.strip()
+    return url if url.endswith("/") else url + "/"
 
 
 def api_identity(url: str) -> str:

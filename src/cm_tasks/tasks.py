@@ -8,9 +8,8 @@ Retries of the Carbon Mapper calls happen inside the client (transient faults on
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, cast
@@ -50,27 +49,36 @@ class Credential:
     what: str  # for messages, e.g. "the Carbon Mapper account e-mail"
     login_option: str
     default_block: str
+    exact: bool  # used byte for byte as stored (a password); else surrounding spaces go
 
     def how_to_create(self, block_name: str) -> str:
-        """How to create block_name: `cm-tasks login` alone writes the default block only."""
+        """How to (re)write block_name as text: `cm-tasks login` alone writes the default only."""
         login = "cm-tasks login" + (
             "" if block_name == self.default_block else f" {self.login_option} {block_name}"
         )
         return (
-            f"Create it with `{login}`, or in Python: "
-            f"`Secret(value=...).save({block_name!r}, overwrite=True)` "
+            f"Store it with `{login}` (it saves exactly what you type, as text), or in Python: "
+            f"`Secret(value=...).save({block_name!r}, overwrite=True)` with a str "
             "(from prefect.blocks.system import Secret)."
         )
 
 
-ACCOUNT_EMAIL = Credential("the Carbon Mapper account e-mail", "--email-block", DEFAULT_EMAIL_BLOCK)
+ACCOUNT_EMAIL = Credential(
+    "the Carbon Mapper account e-mail", "--email-block", DEFAULT_EMAIL_BLOCK, exact=False
+)
 ACCOUNT_PASSWORD = Credential(
-    "the Carbon Mapper account password", "--password-block", DEFAULT_PASSWORD_BLOCK
+    "the Carbon Mapper account password", "--password-block", DEFAULT_PASSWORD_BLOCK, exact=True
 )
 
 
 def read_secret_block(block_name: str, credential: Credential) -> SecretStr:
-    """The string held by a Prefect `Secret` block, kept secret.
+    """The text held by a Prefect `Secret` block, kept secret and used exactly as stored.
+
+    A password is used byte for byte: surrounding spaces and text that looks like JSON
+    (`[20240611]`, `{"a":1}`) are part of it. Prefect keeps a string saved with
+    `Secret(value="...")` (as `cm-tasks login` does) a string on every supported version;
+    only `Secret.get()` would parse it as JSON, so it is not called here. An e-mail address
+    is stripped of surrounding whitespace (an address has none).
 
     Args:
         block_name: name of the Secret block.
@@ -78,8 +86,9 @@ def read_secret_block(block_name: str, credential: Credential) -> SecretStr:
             error message and its fix.
 
     Raises:
-        CredentialsBlockError: the block is missing, empty, or holds JSON instead of a string;
-            the message names the block and how to create it.
+        CredentialsBlockError: the block is missing, empty, or holds a JSON value (a list,
+            an object, a number: saved from the UI's JSON input or `Secret(value=[...])`)
+            instead of text; the message names the block and how to store it as text.
     """
     what, how_to_fix = credential.what, credential.how_to_create(block_name)
     try:
@@ -87,22 +96,23 @@ def read_secret_block(block_name: str, credential: Credential) -> SecretStr:
         block = cast("Secret[Any]", Secret.load(block_name, _sync=True))  # type: ignore[call-arg]
     except (ValueError, ObjectNotFound):
         raise CredentialsBlockError(
-            f"The Secret block {block_name!r} with {what} does not exist. {how_to_fix}"
+            f"The Secret block {block_name!r} with {what} does not exist. "
+            + how_to_fix
         ) from None
     value = block.value.get_secret_value()
-    if isinstance(value, str) and value.strip()[:1] in ("{", "["):
-        with suppress(ValueError):
-            value = json.loads(value)
     if not isinstance(value, str):
         raise CredentialsBlockError(
-            f"The Secret block {block_name!r} holds JSON ({type(value).__name__}), but it "
-            f"should hold {what} as plain text. {how_to_fix}"
+            f"The Secret block {block_name!r} holds a JSON {type(value).__name__}, not text; "
+            f"it should hold {what} as text. {how_to_fix}"
         )
-    if not value.strip():
+    if not credential.exact:
+        value = value.strip()
+    if not value:
         raise CredentialsBlockError(
-            f"The Secret block {block_name!r} is empty; it should hold {what}. {how_to_fix}"
+            f"The Secret block {block_name!r} is empty; it should hold {what}. "
+            + how_to_fix
         )
-    return SecretStr(value.strip())
+    return SecretStr(value)
 
 
 @task(name="read-credentials", persist_result=False)
@@ -177,8 +187,9 @@ def get_access_token(
 def create_stac_token(
     access_token: SecretStr | str,
     name: str,
-    expiration_date: date,
+    expiration_date: date | None = None,
     client: CarbonMapperClient | None = None,
+    lifetime_days: int | None = None,
 ) -> CarbonMapperStacToken:
     """Create a scoped STAC token; returns it as an unsaved `CarbonMapperStacToken` block.
 
@@ -188,15 +199,16 @@ def create_stac_token(
     Args:
         access_token: from `get_access_token`.
         name: the token's name on the platform.
-        expiration_date: the day the token lapses.
+        expiration_date: the day the token lapses (or give lifetime_days).
         client: a client to reuse; by default one is made from the `CM_*` settings.
+        lifetime_days: days from the UTC date at which the request is sent (not when the
+            task started) to the day the token lapses. Give this or expiration_date.
 
     Returns:
         The new token with its name, expiry, creation time, scopes and base URL.
 
     Example:
         ```python
-        from datetime import date, timedelta
         from prefect import flow
         from cm_tasks import create_stac_token, get_access_token, read_credentials
 
@@ -204,12 +216,14 @@ def create_stac_token(
         def new_token() -> None:
             email, password = read_credentials("carbon-mapper-email", "carbon-mapper-password")
             access = get_access_token(email, password)
-            token = create_stac_token(access, "ingest", date.today() + timedelta(days=14))
+            token = create_stac_token(access, "ingest", lifetime_days=14)
             token.save("my-stac-token", overwrite=True)
         ```
     """
     with _client_or_default(client) as api:
-        issued = api.create_stac_token(_secret(access_token), name, expiration_date)
+        issued = api.create_stac_token(
+            _secret(access_token), name, expiration_date, lifetime_days=lifetime_days
+        )
         return CarbonMapperStacToken.from_issued(issued, api.base_url)
 
 

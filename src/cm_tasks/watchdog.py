@@ -94,6 +94,7 @@ class TokenStatus(BaseModel):
     expires_at: datetime | None = None
     days_left: float | None = None
     scopes: list[str] = Field(default_factory=list)
+    base_url: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -175,6 +176,7 @@ def check_token(
         expires_at=token.expires_at,
         days_left=left,
         scopes=list(token.scopes),
+        base_url=token.base_url,
     )
 
 

@@ -47,6 +47,12 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+@pytest.fixture
+def watchdog_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CM_BASE_URL of the tokens test_watchdog.save_token writes: status checks the API too."""
+    monkeypatch.setenv("CM_BASE_URL", "http://127.0.0.1:9/api/v1/")
+
+
 def secret_value(block_name: str) -> Any:
     return Secret.load(block_name, _sync=True).get()  # type: ignore[attr-defined, call-arg]
 
@@ -195,6 +201,7 @@ def test_login_on_a_terminal_hides_the_password() -> None:
         (None, "MISSING", 3),
     ],
 )
+@pytest.mark.usefixtures("watchdog_api")
 def test_status_exit_codes(runner: CliRunner, left: timedelta | None, word: str, code: int) -> None:
     delete_token_block("status-token")
     if left is not None:
@@ -216,6 +223,7 @@ def test_status_exit_codes(runner: CliRunner, left: timedelta | None, word: str,
     assert run_main("status", "--token-block", "status-token") == code
 
 
+@pytest.mark.usefixtures("watchdog_api")
 def test_status_threshold_option(runner: CliRunner) -> None:
     save_token_expiring_in("threshold-token", timedelta(days=5))
 
@@ -227,6 +235,7 @@ def test_status_threshold_option(runner: CliRunner) -> None:
     assert "threshold 7 days" in result.output
 
 
+@pytest.mark.usefixtures("watchdog_api")
 def test_status_uses_the_token_block_setting(
     runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:

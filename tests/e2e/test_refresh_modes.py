@@ -44,6 +44,7 @@ from cm_tasks import (
 )
 from cm_tasks.access import aget_stac_token
 from cm_tasks.auth import async_stac_http_client
+from cm_tasks.blocks import load_token_block
 from cm_tasks.notify import REFRESHED_EVENT
 from cm_tasks.testing import CarbonMapperEmulator, Fault
 from tests.support import REPO_ROOT, SCRIPTS
@@ -689,7 +690,7 @@ def test_a_cancelled_run_whose_running_one_already_finished_uses_its_token(
     assert token == fresh == stored_token()
 
 
-def test_a_deployment_for_another_block_says_which_setting_to_change_here(
+def test_a_deployment_for_another_block_renews_the_block_its_caller_names(
     on_server: PrefectServer,
     emulator: CarbonMapperEmulator,
     deployments: dict[str, str],
@@ -697,9 +698,9 @@ def test_a_deployment_for_another_block_says_which_setting_to_change_here(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # As `cm-tasks deploy` makes it where CM_TOKEN_BLOCK=team-token: the parameter and the
-    # worker's setting agree. This ingest process left CM_TOKEN_BLOCK unset, so its run asks
-    # for the default block and the worker's rule stops it (ParameterConflictError), whose
-    # advice (set the deployment's parameter) is already followed.
+    # worker's setting agree. This ingest process left CM_TOKEN_BLOCK unset, so its run names
+    # the default block: an explicit run parameter, which beats the deployment's parameter
+    # and the worker's setting (one precedence rule), so the caller gets its own block renewed.
     with get_client(sync_client=True) as client:
         weekly = client.read_deployment_by_name(WEEKLY)
         client.create_deployment(
@@ -714,11 +715,10 @@ def test_a_deployment_for_another_block_says_which_setting_to_change_here(
     monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/team")
     old = _stale_token(emulator)
 
-    with pytest.raises(RefreshRunError, match="ParameterConflictError") as raised:
-        get_stac_token()
+    token = get_stac_token()
 
-    assert "set CM_TOKEN_BLOCK=team-token here" in str(raised.value)
-    assert stored_token() == old
+    assert token == stored_token() != old
+    assert load_token_block("team-token") is None
 
 
 def _state(state_type: str) -> dict[str, Any]:

@@ -190,11 +190,13 @@ def test_custom_run_form_shows_what_a_weekly_run_uses(
         "email_block": EMAIL_BLOCK,
         "password_block": PASSWORD_BLOCK,
         "token_block": TOKEN_BLOCK,
+        "base_url": "https://api.carbonmapper.org/api/v1/",  # a filled-in text field
     }
     assert NONE_SWITCH not in text
     # The descriptions from the flow's docstring reach the form.
     assert "Leave it empty for the dated default prefect-YYYYMMDDTHHMMZ" in text
     assert "CM_TOKEN_BLOCK" in text
+    assert "Carbon Mapper platform API the new token is for" in text
     page.screenshot(path=str(screenshots / f"run-form-{ui}.png"), full_page=True)
 
 

@@ -308,6 +308,8 @@ def test_login_and_deploy_from_an_empty_directory(
         assert f"Created {spec.full_name}: cron '{spec.cron}' (UTC)" in deployed.stdout
         assert f"Updated {spec.full_name}" in again.stdout
     assert "next run" in deployed.stdout
+    # The API this shell deploys against is carried into the refresh deployment (issue 17).
+    assert f'"base_url": "{env["CM_BASE_URL"]}"' in deployed.stdout
     with stack["server"].http() as http:
         for spec in DEPLOYMENTS:
             record = http.get(f"deployments/name/{spec.full_name}").json()
@@ -347,26 +349,33 @@ def test_a_worker_elsewhere_runs_both_deployments(
     server: PrefectServer = stack["server"]
     where = _empty_dir(stack["root"], "worker")
     log = where / "worker.log"
+    # A worker started as the README shows, without CM_BASE_URL: the deployment says which
+    # API its runs serve (`cm-tasks deploy` ran with CM_BASE_URL set), not the worker.
+    worker_env = {k: v for k, v in stack["user_env"].items() if k != "CM_BASE_URL"}
     with log.open("wb") as out:
         worker = subprocess.Popen(
             [fresh_venv.bin("prefect"), "worker", "start", "--pool", POOL],
-            cwd=where, env={**stack["user_env"], "PREFECT_WORKER_QUERY_SECONDS": "2"},
+            cwd=where, env={**worker_env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
     try:
-        # The refresh first, as a user starts it from the shell; the check then finds the token.
+        # The refresh first, as the UI's Quick run starts it; the check then finds the token.
+        _wait_for_completed(server, _quick_run(server, "refresh-stac-token/weekly"), worker, log)
+        stack["tokens"] = [_saved_token(server)]
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            saved = CarbonMapperStacToken.load("carbon-mapper-stac-token", _sync=True)
+        assert saved.base_url == stack["user_env"]["CM_BASE_URL"]
+
+        # The check as a user starts it from the shell.
         started = _run(
-            [fresh_venv.bin("prefect"), "deployment", "run", "refresh-stac-token/weekly"],
-            cwd=_empty_dir(stack["root"], "run-weekly"),
+            [fresh_venv.bin("prefect"), "deployment", "run", "check-stac-token/daily"],
+            cwd=_empty_dir(stack["root"], "run-daily"),
             env=stack["user_env"],
         )
-        weekly_run = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout)
-        assert weekly_run, started.stdout
-        _wait_for_completed(server, weekly_run.group(1), worker, log)
-        stack["tokens"] = [_saved_token(server)]
-
-        _wait_for_completed(server, _quick_run(server, "check-stac-token/daily"), worker, log)
+        daily_run = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout)
+        assert daily_run, started.stdout
+        _wait_for_completed(server, daily_run.group(1), worker, log)
     finally:
         stop_process_group(worker)
     stack["outputs"]["worker"] = started.stdout + started.stderr + log.read_text()

@@ -112,8 +112,10 @@ class Secrets:
         JWT's signature, and a JWT's whole payload.
         """
         for label, value in self._values.items():
-            forms = {value, quote(value, safe=""), json.dumps(value)[1:-1]}
-            segments = value.split(".")
+            # A token with surrounding whitespace may leak stripped, or escaped (b'...\\n').
+            core = value.strip()
+            forms = {value, core, quote(value, safe=""), json.dumps(value)[1:-1], repr(value)[1:-1]}
+            segments = core.split(".")
             if len(segments) == 3:
                 # A JWT's header and the head and tail of its payload are the same in many
                 # tokens; its whole payload (with a unique id) and its signature are not.
@@ -121,7 +123,7 @@ class Secrets:
                 forms.add(payload)
                 pieces = [signature]
             else:
-                pieces = [value]
+                pieces = [core]
             for piece in pieces:
                 if len(piece) >= 2 * _MIN_SEGMENT:
                     forms.update((piece[:_MIN_SEGMENT], piece[-_MIN_SEGMENT:]))

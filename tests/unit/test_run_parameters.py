@@ -22,6 +22,7 @@ from cm_tasks.run_parameters import (
     in_deployment_run,
 )
 from cm_tasks.settings import (
+    DEFAULT_BASE_URL,
     DEFAULT_EMAIL_BLOCK,
     DEFAULT_PASSWORD_BLOCK,
     DEFAULT_TOKEN_BLOCK,
@@ -32,6 +33,7 @@ from cm_tasks.settings import (
 from cm_tasks.watchdog import check_stac_token
 
 DEFAULTS: dict[str, Any] = {
+    "base_url": DEFAULT_BASE_URL,
     "lifetime_days": DEFAULT_TOKEN_LIFETIME_DAYS,
     "email_block": DEFAULT_EMAIL_BLOCK,
     "password_block": DEFAULT_PASSWORD_BLOCK,
@@ -39,12 +41,14 @@ DEFAULTS: dict[str, Any] = {
 }
 # A value other than the default for each parameter, and another one again.
 X: dict[str, Any] = {
+    "base_url": "https://x.example.org/api/v1/",
     "lifetime_days": 30,
     "email_block": "x-email",
     "password_block": "x-password",
     "token_block": "x-token",
 }
 Y: dict[str, Any] = {
+    "base_url": "https://y.example.org/api/v1/",
     "lifetime_days": 20,
     "email_block": "y-email",
     "password_block": "y-password",
@@ -114,6 +118,9 @@ def test_a_default_parameter_against_a_setting_stops_a_deployment_run() -> None:
 
     message = str(raised.value)
     for name, pair in PAIRS.items():  # every conflict is named, with both values
+        if not pair.guarded:  # base_url: the worker's CM_BASE_URL fills in (test_precedence)
+            assert pair.variable not in message
+            continue
         assert f"{name} is {DEFAULTS[name]!r}" in message
         assert f"{pair.variable}={X[name]!r}" in message
     assert "prefect.yaml `parameters:`" in message
