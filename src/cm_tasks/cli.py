@@ -365,6 +365,10 @@ def _pool_option(value: str) -> str:
 
 
 _WATCHDOG_HELP = "Include the daily expiry check check-stac-token/daily (--no-watchdog: skip it)."
+_SELF_HEAL_HELP = (
+    "Start the weekly refresh when the daily check finds the token missing, expired or "
+    "expiring (a trigger on carbon-mapper.stac-token.expiring; --no-self-heal: leave it out)."
+)
 
 
 def _job_variables_option(value: str | None) -> dict[str, Any] | None:
@@ -389,6 +393,7 @@ def deploy(
         ),
     ] = deployments.DEFAULT_POOL,
     watchdog: Annotated[bool, typer.Option(help=_WATCHDOG_HELP)] = True,
+    self_heal: Annotated[bool, typer.Option(help=_SELF_HEAL_HELP)] = True,
     job_variables: Annotated[
         str | None,
         typer.Option(
@@ -416,6 +421,7 @@ def deploy(
             pool,
             watchdog=watchdog,
             job_variables=cast("dict[str, Any] | None", job_variables),
+            self_heal=self_heal,
         )
     except deployments.JobVariablesError as exc:  # the pool would ignore them: nothing written
         _fail(f"Could not deploy: {exc}", EXIT_USAGE)
@@ -446,6 +452,13 @@ def deploy(
                 highlight=False,
                 markup=False,
             )
+        if self_heal and spec.triggered_by:
+            out.print(
+                f"  also started by the event {spec.triggered_by} (self-healing; "
+                "--no-self-heal leaves it out).",
+                highlight=False,
+                markup=False,
+            )
     out.print(
         f"Next: start a worker where cm-tasks is installed: "
         f"`prefect worker start --pool {report.pool.name}`.",
@@ -456,6 +469,7 @@ def deploy(
 @app.command()
 def serve(
     watchdog: Annotated[bool, typer.Option(help=_WATCHDOG_HELP)] = True,
+    self_heal: Annotated[bool, typer.Option(help=_SELF_HEAL_HELP)] = True,
 ) -> None:
     """Run the same deployments from this process until Ctrl-C or SIGTERM: no pool, no worker.
 
@@ -469,7 +483,7 @@ def serve(
     # Until Prefect's runner installs its own handler: SIGTERM stops like Ctrl-C.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        deployments.serve(watchdog=watchdog)
+        deployments.serve(watchdog=watchdog, self_heal=self_heal)
     except KeyboardInterrupt:
         pass
     except SystemExit as exc:  # older Prefect (3.2, 3.4) exits 0 from its SIGTERM handler
