@@ -9,7 +9,7 @@ import pytest
 pytest_plugins = ["pytester"]
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "development.md"
-MARKER = "<!-- tests/test_plugin.py runs the next code block -->"
+MARKER = "<!-- doc-test: skip - tests/test_plugin.py runs the next code block with pytest -->"
 
 
 def _documented_test_file() -> str:
