@@ -7,8 +7,9 @@ from datetime import datetime, timedelta, timezone
 from typing import cast
 
 from prefect.blocks.core import Block
+from prefect.blocks.system import Secret
 from prefect.exceptions import ObjectNotFound
-from pydantic import ConfigDict, Field, HttpUrl, SecretStr, ValidationError, field_validator
+from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from cm_tasks.client import IssuedStacToken, header_safe_token
 from cm_tasks.errors import TokenBlockError
@@ -21,12 +22,13 @@ class CarbonMapperStacToken(Block):
     encrypted at rest by Prefect and shown as `********` in the UI and API reads.
 
     Example:
-        Load the token the refresh flow saved and search the STAC API with it:
+        Load the token the refresh flow saved (the default block is
+        `carbon-mapper-stac-token`) and search the STAC API with it:
         ```python
         import httpx
         from cm_tasks import CarbonMapperStacToken
 
-        token = CarbonMapperStacToken.load("carbon-mapper-stac-token")
+        token = CarbonMapperStacToken.load("BLOCK_NAME")
         response = httpx.get(
             f"{token.base_url}stac/search", params={"limit": 1}, headers=token.auth_headers()
         )
@@ -43,11 +45,12 @@ class CarbonMapperStacToken(Block):
     _logo_url = None
     _description = (
         "A scoped Carbon Mapper platform token with STAC privileges, and when it expires. "
-        "Saved by the refresh-stac-token flow of cm-tasks; loaded by ingest flows."
+        "Saved by the refresh-stac-token flow of cm-tasks; loaded by ingest flows with "
+        "get_stac_token(). cm-tasks' documentation ships with the package: `cm-tasks docs`."
     )
-    _documentation_url = HttpUrl(
-        "https://github.com/carbon-mapper/cm-tasks/blob/main/docs/usage.md"
-    )
+    # cm-tasks has no public home yet: its docs ship with the package (`cm-tasks docs`). The
+    # block page links to Prefect's page on using blocks, as Prefect's own Secret block does.
+    _documentation_url = Secret._documentation_url
 
     token: SecretStr = Field(description="The scoped STAC token (a bearer token).")
     name: str = Field(description="The token's name on the Carbon Mapper platform.")

@@ -11,13 +11,20 @@
 The password is only ever read from a hidden prompt: there is no option for it, so it never
 lands in shell history or a process list. Every command talks to the Prefect API that
 `PREFECT_API_URL` names (or Prefect's local database when it is unset).
+
+Errors are one `Error:` paragraph that says what to fix, with no traceback; `--debug` (or
+`CM_DEBUG=1`) adds the traceback and the flow runs' own log lines.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any, NoReturn, cast
 
@@ -38,16 +45,14 @@ from cm_tasks.settings import (
 )
 from cm_tasks.watchdog import DEFAULT_THRESHOLD_DAYS, TokenState, TokenStatus, check_token
 
-# Typer re-exports Click's BadParameter (from its own vendored copy of Click since 0.2x):
-# its bases are that Click's UsageError and ClickException. Found this way, not imported from
-# a private module, so that any Typer version works.
-_UsageError = cast("type[typer.BadParameter]", typer.BadParameter.__mro__[1])
-_ClickException = cast("type[typer.BadParameter]", typer.BadParameter.__mro__[2])
-
 EXIT_FAILED = 1
 EXIT_CHECK_ERROR = 4
 EXIT_WRONG_API = 5  # status: the block holds a token for another API than CM_BASE_URL
 EXIT_USAGE = 64  # BSD sysexits EX_USAGE: kept apart from status's 0-4
+CLICK_USAGE_EXIT = 2  # what Click's usage errors exit with
+# Loggers of the flow and task runs a command starts in this process: their lines (and
+# tracebacks) go to the Prefect API as always, and to the terminal only with --debug.
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 STATUS_STYLES = {
     TokenState.OK: "green",
     TokenState.EXPIRING: "yellow",
@@ -77,9 +82,91 @@ def _err() -> Console:
     return Console(stderr=True, soft_wrap=True)
 
 
+class _Options:
+    """Options of the whole command (`cm-tasks --debug ...`), set by the root callback."""
+
+    debug = False
+
+
 def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    _err().print(f"[bold red]Error:[/] {message}", highlight=False, markup=True)
+    err = _err()
+    if _Options.debug and sys.exc_info()[0] is not None:
+        err.print_exception(show_locals=False)  # locals could hold a secret
+    err.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _prefect_call(what: str, code: int = EXIT_FAILED, *, quiet: bool = True) -> Iterator[None]:
+    """Turn the errors of talking to Prefect into one `Error: what: ...` paragraph and code.
+
+    A Carbon Mapper error says what to fix itself; an unreachable Prefect API, or a URL that
+    is not one, gets the fix for that. Anything else is a bug and keeps its traceback.
+    quiet: keep the flow and task runs' log lines off the terminal (they still reach the API),
+    unless --debug: the command prints its own summary or error.
+    """
+    quieted = _quiet_run_logs() if quiet and not _Options.debug else []
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except CarbonMapperError as exc:
+        _fail(f"{what}: {exc}", code)
+    except (httpx.HTTPError, OSError) as exc:
+        _fail(f"{what}: {_prefect_error(exc)}", code)
+    except json.JSONDecodeError as exc:  # Prefect 3.2-3.4's UI page at the server's root
+        _fail(f"{what}: {_not_an_api(exc)}", code)
+    except RuntimeError as exc:
+        # Starting a flow run, Prefect raises RuntimeError("Failed to reach API") from the
+        # connection error: an unreachable Prefect API, not a crash.
+        cause = exc.__cause__
+        if isinstance(cause, json.JSONDecodeError):
+            _fail(f"{what}: {_not_an_api(cause)}", code)
+        if not isinstance(cause, httpx.HTTPError | OSError):
+            raise
+        _fail(f"{what}: {_prefect_error(cause)}", code)
+    finally:
+        for handler, run_filter in quieted:
+            handler.removeFilter(run_filter)
+
+
+def _quiet_run_logs() -> list[tuple[logging.Handler, logging.Filter]]:
+    """Filter the run loggers' records out of the terminal handlers; return what to undo."""
+    run_filter = _DropRecords(lambda record: record.name.startswith(_RUN_LOGGERS))
+    added: list[tuple[logging.Handler, logging.Filter]] = []
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.addFilter(run_filter)
+                added.append((handler, run_filter))
+    return added
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, drop: Any) -> None:
+        super().__init__()
+        self._drop = drop
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self._drop(record)
+
+
+def _still_processing(record: logging.LogRecord) -> bool:
+    return record.getMessage().startswith("Still processing items")
+
+
+def _no_api_configured() -> str | None:
+    """The fix, when neither PREFECT_API_URL nor a Prefect profile names an API."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return None
+    return (
+        "no Prefect API configured: PREFECT_API_URL is not set, so there is no token block "
+        "to check (Prefect would start a temporary, empty local database). Set "
+        "PREFECT_API_URL to your server's API, e.g. http://127.0.0.1:4200/api, or run "
+        "`prefect cloud login`."
+    )
 
 
 def _api_location() -> str:
@@ -128,8 +215,17 @@ def _root(
             "--version", callback=_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="Show tracebacks and the flow runs' log lines (or set CM_DEBUG=1).",
+        ),
+    ] = False,
 ) -> None:
     """Carbon Mapper STAC tokens with Prefect."""
+    del version  # handled by its eager callback
+    _Options.debug = debug or os.environ.get("CM_DEBUG", "").strip().lower() in {"1", "true"}
 
 
 @app.command()
@@ -179,13 +275,9 @@ def login(
 
     from prefect.blocks.system import Secret
 
-    try:
+    with _prefect_call("Could not save the Secret blocks"):
         Secret(value=address).save(email_name, overwrite=True)
         Secret(value=password).save(password_name, overwrite=True)
-    except (httpx.HTTPError, OSError) as exc:
-        _fail(f"Could not save the Secret blocks: {_prefect_error(exc)}")
-    except json.JSONDecodeError as exc:  # Prefect 3.2-3.4's UI page at the server's root
-        _fail(f"Could not save the Secret blocks: {_not_an_api(exc)}")
     _out().print(
         f"Saved the e-mail to Secret block {email_name!r} and the password to Secret block "
         f"{password_name!r} in {_api_location()}.\n"
@@ -258,26 +350,10 @@ def refresh(
     from cm_tasks.run_parameters import given_parameters
 
     parameters = request.model_dump()
-    try:
-        # Every value is an option or this shell's CM_* setting already: explicit, even one
-        # equal to the package default, so the flow must not replace it with a setting.
-        with given_parameters(parameters):
-            summary: dict[str, Any] = refresh_stac_token(**parameters)
-    except CarbonMapperError as exc:
-        _fail(f"The refresh failed: {exc}")
-    except (httpx.HTTPError, OSError) as exc:
-        _fail(f"The refresh failed: {_prefect_error(exc)}")
-    except json.JSONDecodeError as exc:  # Prefect 3.2-3.4's UI page at the server's root
-        _fail(f"The refresh failed: {_not_an_api(exc)}")
-    except RuntimeError as exc:
-        # Starting the flow run, Prefect raises RuntimeError("Failed to reach API") from the
-        # connection error: an unreachable Prefect API, not a crash. Anything else is a bug.
-        cause = exc.__cause__
-        if isinstance(cause, json.JSONDecodeError):
-            _fail(f"The refresh failed: {_not_an_api(cause)}")
-        if not isinstance(cause, httpx.HTTPError | OSError):
-            raise
-        _fail(f"The refresh failed: {_prefect_error(cause)}")
+    # Every value is an option or this shell's CM_* setting already: explicit, even one
+    # equal to the package default, so the flow must not replace it with a setting.
+    with _prefect_call("The refresh failed"), given_parameters(parameters):
+        summary: dict[str, Any] = refresh_stac_token(**parameters)
     expires_at = datetime.fromisoformat(summary["expires_at"])
     table = Table(title="STAC token refreshed", show_header=False, title_justify="left")
     table.add_row("block", summary["token_block"])
@@ -316,12 +392,15 @@ def status(
     """
     settings = _settings(EXIT_CHECK_ERROR)
     block_name = token_block or settings.token_block
-    try:
-        result = check_token(block_name, threshold_days)
-    except CarbonMapperError as exc:
-        _fail(str(exc), EXIT_CHECK_ERROR)
-    except (httpx.HTTPError, OSError) as exc:
-        _fail(f"Could not read the token block: {_prefect_error(exc)}", EXIT_CHECK_ERROR)
+    no_api = _no_api_configured()
+    if no_api:
+        _fail(f"Could not check the token block {block_name!r}: {no_api}", EXIT_CHECK_ERROR)
+    with _prefect_call("Could not read the token block", EXIT_CHECK_ERROR):
+        try:
+            result = check_token(block_name, threshold_days)
+        except CarbonMapperError as exc:  # its message names the block and the fix
+            _fail(str(exc), EXIT_CHECK_ERROR)
+    api = _api_location()
     wrong_api = _wrong_api(result, settings.base_url)
     message = wrong_api or result.message
     if as_json:
@@ -331,11 +410,12 @@ def status(
                     **result.model_dump(mode="json"),
                     "expected_base_url": settings.base_url,
                     "message": message,
+                    "checked_in": api,
                 }
             )
         )
     else:
-        _print_status(result, wrong_api)
+        _print_status(result, api, wrong_api)
     raise typer.Exit(EXIT_WRONG_API if wrong_api else result.state.exit_code)
 
 
@@ -351,7 +431,7 @@ def _wrong_api(result: TokenStatus, expected: str) -> str | None:
     )
 
 
-def _print_status(result: TokenStatus, wrong_api: str | None = None) -> None:
+def _print_status(result: TokenStatus, api: str, wrong_api: str | None = None) -> None:
     style = STATUS_STYLES[result.state]
     table = Table(show_header=False, box=None)
     if wrong_api:
@@ -359,6 +439,7 @@ def _print_status(result: TokenStatus, wrong_api: str | None = None) -> None:
     else:
         table.add_row("status", f"[bold {style}]{result.state.value}[/]")
     table.add_row("block", result.token_block)
+    table.add_row("checked in", api)
     if result.base_url is not None:
         table.add_row("API", result.base_url)
     if result.expires_at is not None:
@@ -399,6 +480,10 @@ def _pool_option(value: str) -> str:
 
 
 _WATCHDOG_HELP = "Include the daily expiry check check-stac-token/daily (--no-watchdog: skip it)."
+_SELF_HEAL_HELP = (
+    "Start the weekly refresh when the daily check finds the token missing, expired or "
+    "expiring (a trigger on carbon-mapper.stac-token.expiring; --no-self-heal: leave it out)."
+)
 
 
 def _job_variables_option(value: str | None) -> dict[str, Any] | None:
@@ -423,6 +508,7 @@ def deploy(
         ),
     ] = deployments.DEFAULT_POOL,
     watchdog: Annotated[bool, typer.Option(help=_WATCHDOG_HELP)] = True,
+    self_heal: Annotated[bool, typer.Option(help=_SELF_HEAL_HELP)] = True,
     job_variables: Annotated[
         str | None,
         typer.Option(
@@ -446,18 +532,16 @@ def deploy(
     form shows them and a worker's own settings cannot redirect the runs.
     """
     _settings(EXIT_USAGE)  # a bad CM_* setting is a usage error, before any Prefect call
-    try:
-        report = deployments.deploy(
-            pool,
-            watchdog=watchdog,
-            job_variables=cast("dict[str, Any] | None", job_variables),
-        )
-    except deployments.JobVariablesError as exc:  # the pool would ignore them: nothing written
-        _fail(f"Could not deploy: {exc}", EXIT_USAGE)
-    except (httpx.HTTPError, OSError) as exc:
-        _fail(f"Could not deploy: {_prefect_error(exc)}")
-    except json.JSONDecodeError as exc:  # Prefect 3.2-3.4's UI page at the server's root
-        _fail(f"Could not deploy: {_not_an_api(exc)}")
+    with _prefect_call("Could not deploy"):
+        try:
+            report = deployments.deploy(
+                pool,
+                watchdog=watchdog,
+                job_variables=cast("dict[str, Any] | None", job_variables),
+                self_heal=self_heal,
+            )
+        except deployments.JobVariablesError as exc:  # the pool would ignore them: no write
+            _fail(f"Could not deploy: {exc}", EXIT_USAGE)
     out = _out()
     pool_state = "created" if report.pool.created else "exists"
     out.print(
@@ -481,6 +565,13 @@ def deploy(
                 highlight=False,
                 markup=False,
             )
+        if self_heal and spec.triggered_by:
+            out.print(
+                f"  also started by the event {spec.triggered_by} (self-healing; "
+                "--no-self-heal leaves it out).",
+                highlight=False,
+                markup=False,
+            )
     out.print(
         f"Next: start a worker where cm-tasks is installed: "
         f"`prefect worker start --pool {report.pool.name}`.",
@@ -491,6 +582,7 @@ def deploy(
 @app.command()
 def serve(
     watchdog: Annotated[bool, typer.Option(help=_WATCHDOG_HELP)] = True,
+    self_heal: Annotated[bool, typer.Option(help=_SELF_HEAL_HELP)] = True,
 ) -> None:
     """Run the same deployments from this process until Ctrl-C or SIGTERM: no pool, no worker.
 
@@ -504,16 +596,13 @@ def serve(
     # Until Prefect's runner installs its own handler: SIGTERM stops like Ctrl-C.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        deployments.serve(watchdog=watchdog)
+        with _prefect_call("Could not serve", quiet=False):  # the runner's lines are its output
+            deployments.serve(watchdog=watchdog, self_heal=self_heal)
     except KeyboardInterrupt:
         pass
     except SystemExit as exc:  # older Prefect (3.2, 3.4) exits 0 from its SIGTERM handler
         if exc.code not in (0, None):
             raise
-    except (httpx.HTTPError, OSError) as exc:
-        _fail(f"Could not serve: {_prefect_error(exc)}")
-    except json.JSONDecodeError as exc:  # Prefect 3.2-3.4's UI page at the server's root
-        _fail(f"Could not serve: {_not_an_api(exc)}")
     finally:
         signal.signal(signal.SIGTERM, previous)
     _out().print(
@@ -543,15 +632,22 @@ def main(argv: list[str] | None = None) -> NoReturn:
         main(["status", "--json"])  # exits with the status code
         ```
     """
+    # Prefect's events worker warns "Still processing items" while it sends a command's
+    # events at exit; it sends them all the same. Not a thing a user can act on.
+    logging.getLogger("EventsWorker").addFilter(_DropRecords(_still_processing))
+    _Options.debug = False
     try:
         result = app(args=argv, prog_name="cm-tasks", standalone_mode=False)
-    except _UsageError as exc:
-        exc.show()
-        sys.exit(EXIT_USAGE)
-    except _ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
     except typer.Abort:
         typer.echo("Aborted.", err=True)
         sys.exit(EXIT_FAILED)
+    except Exception as exc:
+        # Click's own errors (Typer ships its own copy of Click since 0.2x, so they are found
+        # by what they do) show themselves; usage errors exit 64, not Click's 2, which
+        # `cm-tasks status` uses for EXPIRED.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if show is None or not isinstance(code, int):
+            raise
+        show()
+        sys.exit(EXIT_USAGE if code == CLICK_USAGE_EXIT else code)
     sys.exit(result if isinstance(result, int) else 0)

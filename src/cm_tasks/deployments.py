@@ -5,6 +5,14 @@ Two deployments keep the STAC token fresh and watched:
 - `refresh-stac-token/weekly`: a new token every Monday at 06:00 UTC;
 - `check-stac-token/daily` (the watchdog): checks the saved token every day at 07:00 UTC.
 
+They heal a missed refresh by themselves: the weekly refresh has a deployment trigger on the
+event `carbon-mapper.stac-token.expiring`, which the daily check emits when the token will not
+last until the next weekly run plus a day (see `cm_tasks.watchdog`). A weekly run that failed
+(the platform down for the day, no worker) is made up at the next daily check, with no person
+involved. One check emits one event and starts at most one refresh; the refresh's concurrency
+limit (1, CANCEL_NEW) keeps two from running at once. `cm-tasks deploy --no-self-heal` leaves
+the trigger out (and removes one an earlier deploy made).
+
 `DEPLOYMENTS` holds their schedules, concurrency limits, descriptions and tags. `cm-tasks
 deploy` and `cm-tasks serve` build their Prefect deployments from it, and a test compares
 `prefect.yaml` with it, so that the three cannot drift apart.
@@ -65,6 +73,8 @@ class DeploymentSpec:
         concurrency_limit: Runs of this deployment that may run at once.
         collision_strategy: What happens to a run beyond the limit: CANCEL_NEW cancels it.
         watchdog: True for the optional expiry check (`cm-tasks deploy --no-watchdog` skips it).
+        triggered_by: An event that starts a run of this deployment when it is about the token
+            block the deployment writes (self-healing; `--no-self-heal` leaves it out).
     """
 
     flow_name: str
@@ -77,6 +87,7 @@ class DeploymentSpec:
     concurrency_limit: int = 1
     collision_strategy: Literal["CANCEL_NEW", "ENQUEUE"] = "CANCEL_NEW"
     watchdog: bool = False
+    triggered_by: str | None = None
 
     @property
     def full_name(self) -> str:
@@ -93,6 +104,8 @@ class DeploymentSpec:
         self,
         work_pool_name: str | None = None,
         job_variables: Mapping[str, Any] | None = None,
+        *,
+        self_heal: bool = True,
     ) -> RunnerDeployment:
         """Build the Prefect `RunnerDeployment` of this spec, with a module-path entrypoint.
 
@@ -100,12 +113,16 @@ class DeploymentSpec:
             work_pool_name: The pool whose workers run it; None for `serve` (no pool).
             job_variables: Overrides of the pool's job template, e.g. `{"image": ...}` for a
                 docker or kubernetes pool, `{"pip_packages": ["cm-tasks"]}` for a managed one.
+            self_heal: Give the deployment its `triggered_by` trigger, if it has one. Without
+                it, deploying removes a trigger an earlier deploy made (Prefect replaces a
+                deployment's own triggers on every apply).
         """
         from prefect.client.schemas.objects import ConcurrencyLimitConfig
         from prefect.client.schemas.schedules import CronSchedule
         from prefect.types.entrypoint import EntrypointType
 
         flow = self.load_flow()
+        parameters = self.parameters(flow)
         # Synchronous from synchronous code on every Prefect 3 (sync_compatible/async_dispatch).
         deployment = flow.to_deployment(
             name=self.name,
@@ -119,7 +136,8 @@ class DeploymentSpec:
             work_pool_name=work_pool_name,
             job_variables=dict(job_variables or {}),
             entrypoint_type=EntrypointType.MODULE_PATH,
-            parameters=self.parameters(flow),
+            parameters=parameters,
+            triggers=self.triggers(parameters) if self_heal else [],
         )
         if inspect.isawaitable(deployment):
             raise RuntimeError(_SYNC_ONLY)
@@ -147,6 +165,33 @@ class DeploymentSpec:
         names = [name for name in flow.parameters.properties if name in PAIRS]
         return deployment_parameters(names, load_settings())
 
+    def triggers(self, parameters: Mapping[str, Any]) -> list[Any]:
+        """The deployment trigger of `triggered_by`, for the token block this deployment writes.
+
+        Matched on the event's resource, `carbon-mapper.stac-token.<block>`: a check of another
+        block does not start this refresh. Reactive, threshold 1: one event starts one run,
+        with the deployment's own parameters.
+        """
+        if self.triggered_by is None:
+            return []
+        from prefect.events import DeploymentEventTrigger
+
+        from cm_tasks.notify import token_resource
+        from cm_tasks.settings import load_settings
+
+        block = str(parameters.get("token_block") or load_settings().token_block)
+        return [
+            DeploymentEventTrigger(
+                name=f"{self.full_name} on {self.triggered_by}",
+                description=(
+                    f"Start {self.full_name} when the daily check finds the token in block "
+                    f"{block} missing, expired or expiring (cm-tasks self-healing)."
+                ),
+                expect={self.triggered_by},
+                match={"prefect.resource.id": token_resource(block)["prefect.resource.id"]},
+            )
+        ]
+
     def next_run(self, after: datetime | None = None) -> datetime:
         """When the schedule fires next after `after` (default now), as the server computes it."""
         from prefect.server.schemas.schedules import CronSchedule as ServerCronSchedule
@@ -169,6 +214,7 @@ WEEKLY_REFRESH = DeploymentSpec(
         "(`cm-tasks login`). No parameter is required: Quick run uses the defaults."
     ),
     tags=("carbon-mapper", "stac-token"),
+    triggered_by="carbon-mapper.stac-token.expiring",  # cm_tasks.notify.EXPIRING_EVENT
 )
 
 DAILY_CHECK = DeploymentSpec(
@@ -178,9 +224,10 @@ DAILY_CHECK = DeploymentSpec(
     cron="0 7 * * *",
     description=(
         "Check every day at 07:00 UTC that the saved STAC token is not missing, expired or "
-        "about to expire (default threshold 3 days). Fails and emits the event "
-        "carbon-mapper.stac-token.expiring when it is. Reads the block only: no call to the "
-        "Carbon Mapper API."
+        "about to expire: it must outlast the next weekly refresh by a day, and have more "
+        "than 3 days left. Fails and emits the event carbon-mapper.stac-token.expiring when "
+        "it does not, which starts refresh-stac-token/weekly (self-healing). Reads the block "
+        "only: no call to the Carbon Mapper API."
     ),
     tags=("carbon-mapper", "stac-token", "watchdog"),
     watchdog=True,
@@ -196,10 +243,13 @@ def deployment_specs(watchdog: bool = True) -> tuple[DeploymentSpec, ...]:
 
 
 def build_deployments(
-    *, watchdog: bool = True, work_pool_name: str | None = None
+    *, watchdog: bool = True, work_pool_name: str | None = None, self_heal: bool = True
 ) -> list[RunnerDeployment]:
     """The Prefect deployments of `deployment_specs(watchdog)`, for a pool or for `serve`."""
-    return [spec.to_deployment(work_pool_name) for spec in deployment_specs(watchdog)]
+    return [
+        spec.to_deployment(work_pool_name, self_heal=self_heal)
+        for spec in deployment_specs(watchdog)
+    ]
 
 
 def validate_pool_name(value: str) -> str:
@@ -343,6 +393,7 @@ def deploy(
     *,
     watchdog: bool = True,
     job_variables: Mapping[str, Any] | None = None,
+    self_heal: bool = True,
 ) -> DeployReport:
     """Create or update the cm-tasks deployments on a work pool; safe to run again.
 
@@ -357,6 +408,9 @@ def deploy(
         job_variables: Job variables of both deployments, e.g. `{"image": "you/cm-tasks:0.2.0"}`
             for a docker or kubernetes pool or `{"pip_packages": ["cm-tasks"]}` for a Prefect
             managed pool. Stored in plain text: never put a password here.
+        self_heal: Start the weekly refresh when the daily check emits
+            `carbon-mapper.stac-token.expiring` (a deployment trigger). False leaves the
+            trigger out, and removes one an earlier deploy made.
 
     Returns:
         The pool (and whether it was created), and one result per deployment: created or
@@ -382,7 +436,9 @@ def deploy(
     existing = _existing_deployment_ids([spec.full_name for spec in specs])
     results = []
     for spec in specs:
-        deployment_id = spec.to_deployment(pool, job_variables).apply(work_pool_name=pool)
+        deployment_id = spec.to_deployment(pool, job_variables, self_heal=self_heal).apply(
+            work_pool_name=pool
+        )
         if not isinstance(deployment_id, UUID):
             raise RuntimeError(_SYNC_ONLY)
         results.append(
@@ -397,7 +453,7 @@ def deploy(
     return DeployReport(pool=pool_result, deployments=results)
 
 
-def serve(*, watchdog: bool = True) -> None:
+def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
     """Run the cm-tasks deployments from this process until Ctrl-C or SIGTERM (no pool, no worker).
 
     Prefect's `serve`: registers the deployments (the same names, schedules and limits as
@@ -407,6 +463,7 @@ def serve(*, watchdog: bool = True) -> None:
 
     Args:
         watchdog: Also serve `check-stac-token/daily`.
+        self_heal: Give the weekly refresh its trigger on the expiring event (see `deploy`).
 
     Example:
         ```python
@@ -418,7 +475,7 @@ def serve(*, watchdog: bool = True) -> None:
     from prefect import serve as prefect_serve
 
     try:
-        prefect_serve(*build_deployments(watchdog=watchdog))
+        prefect_serve(*build_deployments(watchdog=watchdog, self_heal=self_heal))
     except (KeyboardInterrupt, SystemExit):
         _pause_served(deployment_specs(watchdog))
         raise

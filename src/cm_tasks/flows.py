@@ -6,6 +6,7 @@ Each is a thin flow around the module that does the work: `refresh-stac-token` r
 `cm-tasks deploy`, `cm-tasks serve` and prefect.yaml deploy.
 """
 
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -30,6 +31,7 @@ from cm_tasks.watchdog import (
     StacTokenExpiringError,
     check_token,
     publish_status,
+    renewal_threshold,
     status_payload,
 )
 
@@ -139,13 +141,15 @@ def check_stac_token(
     """Check the saved STAC token; fail when it is missing, expired or about to expire.
 
     Reads the CarbonMapperStacToken block only (no call to the Carbon Mapper API), leaves a
-    markdown artifact with the days left, and - when the token is missing, expired or expires
-    within threshold_days - emits the event `carbon-mapper.stac-token.expiring` and fails with
-    a message saying what to do.
+    markdown artifact with the days left, and - when the token is missing, expired, or will
+    not outlast the next weekly refresh (Mondays 06:00 UTC) by a day, or has threshold_days
+    or fewer left - emits the event `carbon-mapper.stac-token.expiring` and fails with a
+    message saying what to do. Deployed by `cm-tasks deploy`, that event starts the weekly
+    refresh at once.
 
     Args:
-        threshold_days: Fail when the token has this many days left or fewer, 0 to 365.
-            Default: 3.
+        threshold_days: Fail when the token has this many days left or fewer, 0 to 365,
+            even if it outlasts the next weekly refresh. Default: 3.
         token_block: Block holding the token, as refresh-stac-token writes it and
             get_stac_token() reads it. Setting: CM_TOKEN_BLOCK (a worker setting that differs
             from a default parameter stops a deployment run: set the parameter to it).
@@ -165,7 +169,8 @@ def check_stac_token(
         ```
     """
     block_name = choose_values(load_settings(), {"token_block": token_block})["token_block"]
-    status = check_token(block_name, threshold_days)
+    now = datetime.now(timezone.utc)
+    status = check_token(block_name, renewal_threshold(threshold_days, now), now)
     publish_status(status)
     if not status.ok:
         raise StacTokenExpiringError(status.message)

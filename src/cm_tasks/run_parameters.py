@@ -225,10 +225,10 @@ def choose_values(
             "The deployment's parameters and this worker's settings disagree, so the run "
             "stopped before any call: "
             + "; ".join(conflicts)
-            + ". Make them agree: set the deployment parameter to the worker's value "
-            "(run `cm-tasks deploy` with the same CM_* setting, prefect.yaml `parameters:`, "
-            "or the run form), or remove the variable from the worker's environment. The "
-            "stored token is unchanged."
+            + ". Make them agree: deploy again with the worker's settings (e.g. "
+            "`CM_TOKEN_BLOCK=... cm-tasks deploy`, which makes them the deployment's "
+            "parameters), set the parameter in prefect.yaml `parameters:` or the run form, or "
+            "remove the variable from the worker's environment. The stored token is unchanged."
         )
     return chosen
 

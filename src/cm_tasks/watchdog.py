@@ -4,6 +4,12 @@ Reads the `CarbonMapperStacToken` block only - no call to the Carbon Mapper API 
 cheap enough to run daily. `check_token` gives a `TokenStatus` (used by `cm-tasks status`);
 the `check-stac-token` flow (in `cm_tasks.flows`) publishes it and fails, with the event
 `carbon-mapper.stac-token.expiring`, when the token is missing, expired or expiring soon.
+
+"Soon", for the daily check, means before the next weekly refresh plus a day
+(`RENEWAL_MARGIN_DAYS`), or within `threshold_days`, whichever is earlier to warn: a
+14-day token renewed every Monday always outlasts that, and one whose Monday run failed does
+not, so the check's event starts the refresh (the deployment trigger of
+`cm_tasks.deployments`) the same day, not three days before it runs out.
 """
 
 from datetime import datetime, timezone
@@ -28,6 +34,8 @@ from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, check_block_name
 
 DEFAULT_THRESHOLD_DAYS = 3.0
 MAX_THRESHOLD_DAYS = 365.0
+#: The daily check warns when a token will not outlast the next weekly refresh by this much.
+RENEWAL_MARGIN_DAYS = 1.0
 REFRESH_HINT = (
     "Run the refresh now: `prefect deployment run refresh-stac-token/weekly` "
     "(or `cm-tasks refresh`)."
@@ -178,6 +186,32 @@ def check_token(
         scopes=list(token.scopes),
         base_url=token.base_url,
     )
+
+
+def renewal_threshold(threshold_days: float, now: datetime | None = None) -> float:
+    """The daily check's threshold in days: until the next weekly refresh plus a day, or more.
+
+    Args:
+        threshold_days: The least threshold, whatever the schedule.
+        now: The time of the check (tests); default the current UTC time.
+
+    Example:
+        ```python
+        from datetime import datetime, timezone
+        from cm_tasks.watchdog import renewal_threshold
+
+        # The weekly refresh runs on Mondays at 06:00 UTC.
+        monday = datetime(2026, 11, 30, 7, tzinfo=timezone.utc)  # an hour after it
+        sunday = datetime(2026, 11, 29, 7, tzinfo=timezone.utc)  # 23 hours before the next
+        assert renewal_threshold(3, monday) == 7.96
+        assert renewal_threshold(3, sunday) == 3
+        ```
+    """
+    from cm_tasks.deployments import WEEKLY_REFRESH
+
+    checked_at = now or datetime.now(timezone.utc)
+    until_refresh = days_left(WEEKLY_REFRESH.next_run(checked_at), checked_at)
+    return max(check_threshold(threshold_days), round(until_refresh + RENEWAL_MARGIN_DAYS, 2))
 
 
 def _confirm_not_found(block_name: str) -> None:

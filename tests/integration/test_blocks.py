@@ -37,10 +37,9 @@ def test_docstring_example_runs(carbon_mapper_emulator: CarbonMapperEmulator) ->
     docstring = CarbonMapperStacToken.__doc__ or ""
     example = re.search(r"```python\n(.*?)```", docstring, re.S)
     assert example is not None
-    code = textwrap.dedent(example.group(1))
-    token_block(timedelta(days=14), base_url=emulator.base_url).save(
-        "carbon-mapper-stac-token", overwrite=True
-    )
+    # "BLOCK_NAME" is Prefect's placeholder for the block a user looks at (block standards).
+    code = textwrap.dedent(example.group(1)).replace('"BLOCK_NAME"', '"team-token"')
+    token_block(timedelta(days=14), base_url=emulator.base_url).save("team-token", overwrite=True)
 
     namespace: dict[str, object] = {}
     exec(compile(code, "<CarbonMapperStacToken example>", "exec"), namespace)

@@ -193,7 +193,9 @@ def test_flow_fails_and_emits_expiring(left: timedelta | None, state: str) -> No
     payload = events[0]["payload"]
     assert payload["state"] == state
     assert payload["token_block"] == block_name
-    assert payload["threshold_days"] == 3
+    # At least 3: the daily check also warns when the token will not outlast the next weekly
+    # refresh by a day (see tests/unit/test_self_heal_rules.py).
+    assert payload["threshold_days"] >= 3
     if left is None:
         assert payload["days_left"] is None
     else:
