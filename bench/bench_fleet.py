@@ -404,6 +404,20 @@ def report_renewal(outcome: Outcome, seconds: float, base: float | None) -> floa
     return statistics.mean(requests)
 
 
+def checkout() -> str:
+    """Which cm_tasks the processes run: its directory, git commit and whether it is edited."""
+    import cm_tasks
+
+    where = Path(cm_tasks.__file__).resolve().parent
+    git = ["git", "-C", str(where)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return f"cm_tasks in {where}"
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True)
+    edited = " + uncommitted changes" if dirty.stdout.strip() else ""
+    return f"cm_tasks in {where}, commit {head.stdout.strip()}{edited}"
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -444,7 +458,7 @@ def main() -> int:
             Secret(value=DEMO_PASSWORD).save("carbon-mapper-password", overwrite=True)
             print(
                 f"Prefect {server.api_url} (proxied), emulator {emulator.base_url}, "
-                f"{args.processes} processes, S = {args.renewal:g} s"
+                f"{args.processes} processes, S = {args.renewal:g} s\nMeasuring {checkout()}"
             )
             common = {"CM_BASE_URL": emulator.base_url}
 
