@@ -321,7 +321,7 @@ def print_breakdown(title: str, counts: list[Counts]) -> None:
         websockets.update(c.ws_connections)
     n = max(1, len(counts))
     print(f"  {title}:")
-    for key, value in requests.most_common(8):
+    for key, value in requests.most_common(12):
         print(f"    {value / n:7.1f}  {key}")
     for key, value in websockets.items():
         print(f"    {value / n:7.1f}  websocket connections to {key}")
