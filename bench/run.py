@@ -31,12 +31,14 @@ SCRIPTS = {
     "bench_import.py": ["--runs", "15"],
     "bench_token_access.py": ["--tasks", "200", "--rounds", "3"],
     "bench_ingest.py": [],
+    "bench_fleet.py": ["--processes", "12", "--renewal", "15"],
 }
 QUICK = {
     "bench_refresh.py": ["--runs", "4"],
     "bench_import.py": ["--runs", "5"],
     "bench_token_access.py": ["--tasks", "50", "--rounds", "1"],
     "bench_ingest.py": ["--rounds", "1", "--no-server"],
+    "bench_fleet.py": ["--quick"],
 }
 
 
