@@ -32,14 +32,20 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
+
+from cm_tasks.schedules import (
+    DAILY_CHECK_CRON,
+    SCHEDULE_TIMEZONE,
+    WEEKLY_REFRESH_CRON,
+    next_fire,
+)
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -83,7 +89,7 @@ class DeploymentSpec:
     cron: str
     description: str
     tags: tuple[str, ...]
-    timezone: str = "UTC"
+    timezone: str = SCHEDULE_TIMEZONE
     concurrency_limit: int = 1
     collision_strategy: Literal["CANCEL_NEW", "ENQUEUE"] = "CANCEL_NEW"
     watchdog: bool = False
@@ -194,19 +200,14 @@ class DeploymentSpec:
 
     def next_run(self, after: datetime | None = None) -> datetime:
         """When the schedule fires next after `after` (default now), as the server computes it."""
-        from prefect.server.schemas.schedules import CronSchedule as ServerCronSchedule
-
-        schedule = ServerCronSchedule(cron=self.cron, timezone=self.timezone)
-        start = after or datetime.now(timezone.utc)
-        dates = asyncio.run(schedule.get_dates(n=1, start=start))
-        return datetime.fromisoformat(dates[0].isoformat()).astimezone(timezone.utc)
+        return next_fire(self.cron, after, self.timezone)
 
 
 WEEKLY_REFRESH = DeploymentSpec(
     flow_name="refresh-stac-token",
     name="weekly",
     entrypoint="cm_tasks.flows.refresh_stac_token",
-    cron="0 6 * * 1",
+    cron=WEEKLY_REFRESH_CRON,
     description=(
         "Get a new Carbon Mapper STAC token every Monday at 06:00 UTC and save it to the "
         "CarbonMapperStacToken block (default carbon-mapper-stac-token) that ingest flows load. "
@@ -221,7 +222,7 @@ DAILY_CHECK = DeploymentSpec(
     flow_name="check-stac-token",
     name="daily",
     entrypoint="cm_tasks.flows.check_stac_token",
-    cron="0 7 * * *",
+    cron=DAILY_CHECK_CRON,
     description=(
         "Check every day at 07:00 UTC that the saved STAC token is not missing, expired or "
         "about to expire: it must outlast the next weekly refresh by a day, and have more "

@@ -96,8 +96,7 @@ def read_secret_block(block_name: str, credential: Credential) -> SecretStr:
         block = cast("Secret[Any]", Secret.load(block_name, _sync=True))  # type: ignore[call-arg]
     except (ValueError, ObjectNotFound):
         raise CredentialsBlockError(
-            f"The Secret block {block_name!r} with {what} does not exist. "
-            + how_to_fix
+            f"The Secret block {block_name!r} with {what} does not exist. " + how_to_fix
         ) from None
     value = block.value.get_secret_value()
     if not isinstance(value, str):
@@ -109,8 +108,7 @@ def read_secret_block(block_name: str, credential: Credential) -> SecretStr:
         value = value.strip()
     if not value:
         raise CredentialsBlockError(
-            f"The Secret block {block_name!r} is empty; it should hold {what}. "
-            + how_to_fix
+            f"The Secret block {block_name!r} is empty; it should hold {what}. " + how_to_fix
         )
     return SecretStr(value)
 

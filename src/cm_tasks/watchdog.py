@@ -30,6 +30,7 @@ from cm_tasks.notify import (
     markdown_table,
     token_resource,
 )
+from cm_tasks.schedules import WEEKLY_REFRESH_CRON, next_fire
 from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, check_block_name
 
 DEFAULT_THRESHOLD_DAYS = 3.0
@@ -207,10 +208,8 @@ def renewal_threshold(threshold_days: float, now: datetime | None = None) -> flo
         assert renewal_threshold(3, sunday) == 3
         ```
     """
-    from cm_tasks.deployments import WEEKLY_REFRESH
-
     checked_at = now or datetime.now(timezone.utc)
-    until_refresh = days_left(WEEKLY_REFRESH.next_run(checked_at), checked_at)
+    until_refresh = days_left(next_fire(WEEKLY_REFRESH_CRON, checked_at), checked_at)
     return max(check_threshold(threshold_days), round(until_refresh + RENEWAL_MARGIN_DAYS, 2))
 
 

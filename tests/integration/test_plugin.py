@@ -9,7 +9,10 @@ from tests.support import REPO_ROOT
 pytest_plugins = ["pytester"]
 
 DOCS = REPO_ROOT / "docs" / "development.md"
-MARKER = "<!-- doc-test: skip - tests/integration/test_plugin.py runs the next code block with pytest -->"
+MARKER = (
+    "<!-- doc-test: skip - tests/integration/test_plugin.py"
+    " runs the next code block with pytest -->"
+)
 
 
 def _documented_test_file() -> str:

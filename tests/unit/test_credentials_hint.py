@@ -20,5 +20,6 @@ from cm_tasks.tasks import ACCOUNT_EMAIL, ACCOUNT_PASSWORD, Credential
 )
 def test_the_login_that_writes_the_block(credential: Credential, block: str, login: str) -> None:
     hint = credential.how_to_create(block)
-    assert hint.startswith(f"Store it with {login} (it saves exactly what you type, as text), or in Python: ")
+    assert hint.startswith(f"Store it with {login} (it saves exactly what you type, as text)")
+    assert ", or in Python: " in hint
     assert f"Secret(value=...).save({block!r}, overwrite=True)" in hint
