@@ -1,6 +1,6 @@
 """Every command of README.md and docs/*.md runs, as written, against a Prefect server.
 
-The blocks are read from the Markdown when the tests run (tests/docblocks.py says how), not
+The blocks are read from the Markdown when the tests run (tests/support/docblocks.py says how), not
 copied here, so the docs cannot drift from what works. Each page's blocks run in order, in a
 fresh directory of their own, as a user who follows the page would run them: `python` blocks
 with `python`, `bash` blocks with `bash -e`, against one real `prefect server start` and the
@@ -25,10 +25,15 @@ from prefect.blocks.system import Secret
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from cm_tasks.testing import CarbonMapperEmulator
-
-from ..conftest import EMAIL_BLOCK, PASSWORD_BLOCK
-from ..docblocks import DocBlock, all_blocks, doc_blocks, doc_pages, markers_without_a_block
-from ..prefect_server import PrefectServer
+from tests.support.docblocks import (
+    DocBlock,
+    all_blocks,
+    doc_blocks,
+    doc_pages,
+    markers_without_a_block,
+)
+from tests.support.prefect_server import PrefectServer
+from tests.support.token_helpers import EMAIL_BLOCK, PASSWORD_BLOCK
 
 BIN = Path(sys.executable).parent
 BLOCK_TIMEOUT = 300.0

@@ -11,8 +11,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from cm_tasks.deployments import DAILY_CHECK
 from cm_tasks.testing import CarbonMapperEmulator
-
-from ..prefect_server import PrefectServer
+from tests.support.prefect_server import PrefectServer
 
 POOL = "earlier-release"
 OLD_ENTRYPOINT = "cm_tasks.watchdog.check_stac_token"

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from cm_tasks.testing import CarbonMapperEmulator
-
-from ..prefect_server import PrefectServer
+from tests.support.prefect_server import PrefectServer
 
 CM_TASKS = str(Path(sys.executable).with_name("cm-tasks"))
 NOISE = ("Still processing items", "Traceback", "WARNING", "EventsWorker")

@@ -32,9 +32,8 @@ from cm_tasks import CarbonMapperStacToken
 from cm_tasks.deployments import DAILY_CHECK, WEEKLY_REFRESH
 from cm_tasks.notify import EXPIRING_EVENT
 from cm_tasks.testing import CarbonMapperEmulator
-
-from ..conftest import EMAIL_BLOCK, PASSWORD_BLOCK, TOKEN_BLOCK
-from ..prefect_server import PrefectServer, free_port, stop_process_group
+from tests.support.prefect_server import PrefectServer, free_port, stop_process_group
+from tests.support.token_helpers import EMAIL_BLOCK, PASSWORD_BLOCK, TOKEN_BLOCK
 
 CM_TASKS = str(Path(sys.executable).with_name("cm-tasks"))
 POOL = "carbon-mapper"

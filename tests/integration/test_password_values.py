@@ -19,8 +19,7 @@ from cm_tasks.refresh import resolve_request, run_refresh
 from cm_tasks.settings import load_settings
 from cm_tasks.tasks import ACCOUNT_EMAIL, ACCOUNT_PASSWORD, read_secret_block
 from cm_tasks.testing import CarbonMapperEmulator
-
-from ..leaks import Secrets, assert_no_leak
+from tests.support.leaks import Secrets, assert_no_leak
 
 PASSWORDS = [" pw with spaces ", "[20240611]", '{"a":1}', '"quoted"', "null", "tab\tand space "]
 

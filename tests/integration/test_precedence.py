@@ -16,8 +16,7 @@ from cm_tasks.blocks import load_token_block
 from cm_tasks.cli import EXIT_USAGE, app
 from cm_tasks.flows import refresh_stac_token
 from cm_tasks.testing import CarbonMapperEmulator
-
-from ..token_helpers import delete_token_block, utc_today
+from tests.support.token_helpers import delete_token_block, utc_today
 
 DEFAULT_BLOCK = "carbon-mapper-stac-token"
 TEAM_BLOCK = "team-token"

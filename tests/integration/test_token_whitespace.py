@@ -22,9 +22,8 @@ from cm_tasks.blocks import load_token_block
 from cm_tasks.errors import TokenBlockError
 from cm_tasks.ingest import _request, search_body, search_stac_items
 from cm_tasks.testing import CarbonMapperEmulator, Fault
-
-from ..leaks import Secrets, assert_no_leak, collect_secrets, wait_for_events
-from ..token_helpers import mint, save_token, stored_token
+from tests.support.leaks import Secrets, assert_no_leak, collect_secrets, wait_for_events
+from tests.support.token_helpers import mint, save_token, stored_token
 
 BLOCK = "whitespace-token"
 

@@ -18,8 +18,7 @@ from cm_tasks.blocks import CarbonMapperStacToken
 from cm_tasks.client import CarbonMapperClient, header_safe_token
 from cm_tasks.errors import UnexpectedResponseError
 from cm_tasks.ingest import _message_without_headers
-
-from ..leaks import Secrets, assert_no_leak
+from tests.support.leaks import Secrets, assert_no_leak
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJqdGkiOiJhYmMxMjM0NTY3ODkwIn0.c2lnbmF0dXJlLW9mLXRoZS10b2tlbi14eXo"
 
