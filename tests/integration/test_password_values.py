@@ -26,10 +26,10 @@ PASSWORDS = [" pw with spaces ", "[20240611]", '{"a":1}', '"quoted"', "null", "t
 
 @pytest.mark.parametrize("password", PASSWORDS)
 def test_a_password_stored_by_login_is_sent_exactly(
-    cm_env: CarbonMapperEmulator, password: str
+    carbon_mapper_env: CarbonMapperEmulator, password: str
 ) -> None:
     email = f"exact-{uuid4().hex[:10]}@example.org"
-    cm_env.add_user(email, password)
+    carbon_mapper_env.add_user(email, password)
 
     login = CliRunner().invoke(app, ["login", "--email", email], input=f"{password}\n{password}\n")
     assert login.exit_code == 0, login.output
@@ -37,11 +37,11 @@ def test_a_password_stored_by_login_is_sent_exactly(
     settings = load_settings()
     token = run_refresh(resolve_request(settings, token_block="exact-password-token"), settings)
 
-    assert token.get() == cm_env.issued_stac_tokens[-1]
+    assert token.get() == carbon_mapper_env.issued_stac_tokens[-1]
 
 
 def test_a_json_value_is_refused_with_advice_that_stores_text(
-    cm_env: CarbonMapperEmulator,
+    carbon_mapper_env: CarbonMapperEmulator,
 ) -> None:
     Secret(value=[20240611]).save("json-password", overwrite=True)  # the UI's JSON input
 
@@ -55,7 +55,7 @@ def test_a_json_value_is_refused_with_advice_that_stores_text(
     assert_no_leak(Secrets({"password": "20240611"}), exceptions=[raised.value])
 
 
-def test_an_email_is_stripped_a_password_is_not(cm_env: CarbonMapperEmulator) -> None:
+def test_an_email_is_stripped_a_password_is_not(carbon_mapper_env: CarbonMapperEmulator) -> None:
     Secret(value=" me@example.org\n").save("spaced-email", overwrite=True)
     Secret(value=" pw ").save("spaced-password", overwrite=True)
 

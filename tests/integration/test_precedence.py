@@ -24,13 +24,13 @@ TEAM_BLOCK = "team-token"
 
 @pytest.fixture
 def team_settings(
-    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+    carbon_mapper_credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> CarbonMapperEmulator:
     monkeypatch.setenv("CM_TOKEN_BLOCK", TEAM_BLOCK)
     monkeypatch.setenv("CM_TOKEN_LIFETIME_DAYS", "30")
     delete_token_block(DEFAULT_BLOCK)
     delete_token_block(TEAM_BLOCK)
-    return credentials
+    return carbon_mapper_credentials
 
 
 def _sent_expiry(emulator: CarbonMapperEmulator) -> str:
@@ -80,15 +80,15 @@ def test_python_callers_mark_default_values_as_explicit(
 
 
 def test_a_malformed_base_url_parameter_is_refused_before_any_call(
-    credentials: CarbonMapperEmulator,
+    carbon_mapper_credentials: CarbonMapperEmulator,
 ) -> None:
-    requests = credentials.requests()
+    requests = carbon_mapper_credentials.requests()
 
     state = refresh_stac_token(base_url="not a url", return_state=True)
 
     assert state.type.value == "FAILED"
     assert "base_url must be an http(s) URL" in str(state.message)
-    assert credentials.requests() == requests
+    assert carbon_mapper_credentials.requests() == requests
 
 
 def test_cli_refresh_with_a_bad_option_exits_64(team_settings: CarbonMapperEmulator) -> None:

@@ -32,7 +32,7 @@ def _save(base_url: str) -> None:
 
 @pytest.mark.parametrize("stored", ["garbage", "https://staging.example.org/api/v1/"])
 def test_a_token_for_another_api_is_a_clear_nonzero_state(
-    cm_env: CarbonMapperEmulator, stored: str
+    carbon_mapper_env: CarbonMapperEmulator, stored: str
 ) -> None:
     _save(stored)
 
@@ -41,17 +41,17 @@ def test_a_token_for_another_api_is_a_clear_nonzero_state(
 
     assert shown.exit_code == 5, shown.output
     assert "WRONG API" in shown.output
-    assert cm_env.base_url in shown.output
+    assert carbon_mapper_env.base_url in shown.output
     assert "cm-tasks refresh" in shown.output
     assert as_json.exit_code == 5
     record = json.loads(as_json.output)
     assert record["base_url"] == stored
-    assert record["expected_base_url"] == cm_env.base_url
+    assert record["expected_base_url"] == carbon_mapper_env.base_url
     assert record["message"].startswith("WRONG API")
 
 
-def test_the_same_api_in_another_spelling_is_ok(cm_env: CarbonMapperEmulator) -> None:
-    _save(cm_env.base_url.rstrip("/").replace("http://", "HTTP://"))
+def test_the_same_api_in_another_spelling_is_ok(carbon_mapper_env: CarbonMapperEmulator) -> None:
+    _save(carbon_mapper_env.base_url.rstrip("/").replace("http://", "HTTP://"))
 
     result = CliRunner().invoke(app, ["status", "--token-block", BLOCK])
 

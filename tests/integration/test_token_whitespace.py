@@ -35,9 +35,9 @@ async def _ingest() -> int:
 
 
 async def test_a_token_answered_with_a_newline_is_saved_stripped_and_used(
-    credentials: CarbonMapperEmulator, capfd: pytest.CaptureFixture[str]
+    carbon_mapper_credentials: CarbonMapperEmulator, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    emulator = credentials
+    emulator = carbon_mapper_credentials
     start = datetime.now(timezone.utc) - timedelta(seconds=5)
     answer = emulator.issue_stac_token("padded")
     token = answer["token_value"]
@@ -75,10 +75,10 @@ def _edit_token_by_hand(value: str) -> None:
 
 
 def test_a_token_edited_with_a_trailing_space_is_loaded_stripped(
-    cm_env: CarbonMapperEmulator,
+    carbon_mapper_env: CarbonMapperEmulator,
 ) -> None:
-    token = mint(cm_env)
-    save_token(cm_env, token, timedelta(days=10), BLOCK)
+    token = mint(carbon_mapper_env)
+    save_token(carbon_mapper_env, token, timedelta(days=10), BLOCK)
     _edit_token_by_hand(token + " \n")
 
     block = load_token_block(BLOCK)
@@ -88,10 +88,10 @@ def test_a_token_edited_with_a_trailing_space_is_loaded_stripped(
 
 
 def test_a_token_edited_with_a_space_inside_is_refused_clearly(
-    cm_env: CarbonMapperEmulator,
+    carbon_mapper_env: CarbonMapperEmulator,
 ) -> None:
-    token = mint(cm_env)
-    save_token(cm_env, token, timedelta(days=10), BLOCK)
+    token = mint(carbon_mapper_env)
+    save_token(carbon_mapper_env, token, timedelta(days=10), BLOCK)
     _edit_token_by_hand(token[:20] + " " + token[20:])
 
     with pytest.raises(TokenBlockError) as raised:
@@ -103,11 +103,11 @@ def test_a_token_edited_with_a_space_inside_is_refused_clearly(
 
 
 async def test_a_request_error_quoting_the_header_carries_no_token(
-    cm_env: CarbonMapperEmulator,
+    carbon_mapper_env: CarbonMapperEmulator,
 ) -> None:
     # A real socket: h11 refuses the header and quotes it, as in the reported run.
-    token = mint(cm_env)
-    async with httpx.AsyncClient(base_url=cm_env.base_url) as http:
+    token = mint(carbon_mapper_env)
+    async with httpx.AsyncClient(base_url=carbon_mapper_env.base_url) as http:
         with pytest.raises(httpx.LocalProtocolError) as raised:
             await _request(http, "GET", "stac/", headers={"Authorization": f"Bearer {token}\n"})
 
