@@ -52,6 +52,9 @@ class Counts:
     ws_sent: Counter[str] = field(default_factory=Counter)  # path -> client messages
     ws_received: Counter[str] = field(default_factory=Counter)  # path -> server messages
     events: Counter[str] = field(default_factory=Counter)  # event name -> count
+    # (arrival, event name) of each event sent, and of each event delivered on /events/out
+    event_times: list[tuple[float, str]] = field(default_factory=list)
+    delivered: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def total_requests(self) -> int:
@@ -133,6 +136,8 @@ class CountingProxy:
                 Counter(c.ws_sent),
                 Counter(c.ws_received),
                 Counter(c.events),
+                list(c.event_times),
+                list(c.delivered),
             )
 
     def close(self, label: str) -> None:
@@ -301,24 +306,34 @@ class CountingProxy:
             message += payload
             if not fin:
                 continue
-            name = _message_name(bytes(message)) if sent else None
+            name = _message_name(bytes(message))
             message.clear()
+            now = time.time()
 
-            def count(c: Counts, name: str | None = name, auth: bool = first) -> None:
+            def count(
+                c: Counts, name: str | None = name, auth: bool = first, now: float = now
+            ) -> None:
                 (c.ws_sent if sent else c.ws_received)[path] += 1
-                if sent and path.endswith("/events/in") and not auth and name is not None:
+                if name is None or auth:
+                    return
+                if sent and path.endswith("/events/in"):
                     c.events[name] += 1
+                    c.event_times.append((now, name))
+                elif not sent and path.endswith("/events/out"):
+                    c.delivered.append((now, name))
 
             self._record(label, count)
             first = False
 
 
 def _message_name(payload: bytes) -> str | None:
-    """The `event` name of a Prefect event message (None for anything else)."""
+    """The `event` name of a Prefect event message, sent or delivered (None for anything else)."""
     try:
         body = json.loads(payload)
     except ValueError:
         return None
+    if isinstance(body, dict) and isinstance(body.get("event"), dict):  # /events/out delivery
+        body = body["event"]
     if isinstance(body, dict) and isinstance(body.get("event"), str):
         return str(body["event"])
     return None
