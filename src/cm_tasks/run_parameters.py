@@ -191,6 +191,7 @@ def choose_values(
     logger = current_logger()
     chosen: dict[str, Any] = {}
     conflicts: list[str] = []
+    worker_values: list[str] = []
     for name, value in parameters.items():
         pair = PAIRS[name]
         setting = getattr(settings, pair.field)
@@ -212,6 +213,7 @@ def choose_values(
                 f"deployment nor the run sets it), but this worker sets "
                 f"{pair.variable}={setting!r}"
             )
+            worker_values.append(f"{pair.variable}={setting}")
         else:
             chosen[name] = setting
             logger.info(
@@ -226,9 +228,9 @@ def choose_values(
             "stopped before any call: "
             + "; ".join(conflicts)
             + ". Make them agree: set the deployment parameter to the worker's value "
-            "(run `cm-tasks deploy` with the same CM_* setting, prefect.yaml `parameters:`, "
-            "or the run form), or remove the variable from the worker's environment. The "
-            "stored token is unchanged."
+            f"(`{' '.join(worker_values)} cm-tasks deploy`, prefect.yaml `parameters:`, or the "
+            "run form), or remove the variable from the worker's environment. The stored "
+            "token is unchanged."
         )
     return chosen
 
