@@ -191,6 +191,7 @@ def choose_values(
     logger = current_logger()
     chosen: dict[str, Any] = {}
     conflicts: list[str] = []
+    worker_values: list[str] = []
     for name, value in parameters.items():
         pair = PAIRS[name]
         setting = getattr(settings, pair.field)
@@ -212,6 +213,7 @@ def choose_values(
                 f"deployment nor the run sets it), but this worker sets "
                 f"{pair.variable}={setting!r}"
             )
+            worker_values.append(f"{pair.variable}={setting}")
         else:
             chosen[name] = setting
             logger.info(
@@ -225,10 +227,10 @@ def choose_values(
             "The deployment's parameters and this worker's settings disagree, so the run "
             "stopped before any call: "
             + "; ".join(conflicts)
-            + ". Make them agree: deploy again with the worker's settings (e.g. "
-            "`CM_TOKEN_BLOCK=... cm-tasks deploy`, which makes them the deployment's "
-            "parameters), set the parameter in prefect.yaml `parameters:` or the run form, or "
-            "remove the variable from the worker's environment. The stored token is unchanged."
+            + ". Make them agree: set the deployment parameter to the worker's value "
+            f"(`{' '.join(worker_values)} cm-tasks deploy`, prefect.yaml `parameters:`, or the "
+            "run form), or remove the variable from the worker's environment. The stored "
+            "token is unchanged."
         )
     return chosen
 

@@ -136,6 +136,7 @@ def test_deploy_creates_the_deployments_as_configured(deployments: dict[str, Any
         "email_block": EMAIL_BLOCK,
         "password_block": PASSWORD_BLOCK,
         "token_block": TOKEN_BLOCK,
+        "base_url": "https://api.carbonmapper.org/api/v1/",
     }
     assert not any("anyOf" in p for p in properties.values())
 

@@ -108,5 +108,6 @@ def test_a_deployment_run_not_given_base_url_takes_the_workers_setting() -> None
         deployment_run=True,
     )
     assert chosen == {"base_url": "http://127.0.0.1:8787/api/v1/"}
-    with pytest.raises(ParameterConflictError):  # a block name the form does not show: stops
+    with pytest.raises(ParameterConflictError) as raised:  # a block the form does not show
         choose_values(worker, {"token_block": DEFAULT_BLOCK}, deployment_run=True)
+    assert "`CM_TOKEN_BLOCK=team-token cm-tasks deploy`" in str(raised.value)
