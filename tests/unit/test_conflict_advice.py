@@ -15,6 +15,6 @@ def test_the_conflict_advice_names_cm_tasks_deploy_with_the_setting() -> None:
         choose_values(settings, {"token_block": DEFAULT_TOKEN_BLOCK}, deployment_run=True)
 
     message = str(raised.value)
-    assert "`CM_TOKEN_BLOCK=... cm-tasks deploy`" in message
+    assert "`CM_TOKEN_BLOCK=team-token cm-tasks deploy`" in message
     assert "prefect.yaml `parameters:`" in message  # the checkout route is still named
     assert "The stored token is unchanged" in message
