@@ -26,19 +26,20 @@ DAILY = "check-stac-token/daily"
 QUICK_RUN = {"state": {"type": "SCHEDULED", "message": "Run from the Prefect UI with defaults"}}
 
 
-def deploy_prefect_yaml(server: PrefectServer, emulator: CarbonMapperEmulator) -> dict[str, Any]:
-    """The README's steps: a pool, the credentials in Secret blocks, `deploy --all`.
+def deploy_prefect_yaml(server: PrefectServer) -> dict[str, Any]:
+    """The README's steps: a pool, the emulator's demo account in Secret blocks, `deploy --all`.
 
     The weekly schedule is then paused: a test creates the runs it wants, and a scheduled run
     of the weekly refresh must not start beside them (on Monday 06:00 UTC). Returns the two
     deployments as the API shows them, by name.
     """
     server.prefect("work-pool", "create", POOL, "--type", "process")
+    demo = CarbonMapperEmulator()  # not started: every emulator has the same demo account
     # `_sync=True`: a test may hold an event loop in this thread (pytest-asyncio, Playwright),
     # which would make Prefect's dual sync/async methods return coroutines.
     with server.using():
-        Secret(value=emulator.email).save(EMAIL_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
-        Secret(value=emulator.password).save(PASSWORD_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
+        Secret(value=demo.email).save(EMAIL_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
+        Secret(value=demo.password).save(PASSWORD_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
     deploy = server.prefect("--no-prompt", "deploy", "--all", cwd=REPO_ROOT)
     assert WEEKLY in deploy.stdout
     found = {}
