@@ -44,6 +44,6 @@ def prefect_yaml_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pr
 @pytest.fixture(scope="session")
 def deployments(prefect_yaml_server: PrefectServer) -> dict[str, Any]:
     """prefect.yaml deployed on `prefect_yaml_server` as the README says (pool, the demo
-    account's Secret blocks, `prefect deploy --all`), the weekly schedule paused; the two
+    account's Secret blocks, `prefect deploy --all`), the schedules paused; the two
     deployments by name. Each test's worker points the runs at its own emulator."""
     return deploy_prefect_yaml(prefect_yaml_server)

@@ -29,9 +29,9 @@ QUICK_RUN = {"state": {"type": "SCHEDULED", "message": "Run from the Prefect UI 
 def deploy_prefect_yaml(server: PrefectServer) -> dict[str, Any]:
     """The README's steps: a pool, the emulator's demo account in Secret blocks, `deploy --all`.
 
-    The weekly schedule is then paused: a test creates the runs it wants, and a scheduled run
-    of the weekly refresh must not start beside them (on Monday 06:00 UTC). Returns the two
-    deployments as the API shows them, by name.
+    Their schedules are then paused: a test creates the runs it wants, and a scheduled run
+    (the weekly refresh on Monday 06:00 UTC, the daily check at 07:00) must not start beside
+    them. Returns the two deployments as the API showed them right after the deploy, by name.
     """
     server.prefect("work-pool", "create", POOL, "--type", "process")
     demo = CarbonMapperEmulator()  # not started: every emulator has the same demo account
@@ -48,14 +48,25 @@ def deploy_prefect_yaml(server: PrefectServer) -> dict[str, Any]:
             response = http.get(f"deployments/name/{name}")
             assert response.status_code == 200, response.text
             found[name] = response.json()
-    with server.http() as http:
-        for schedule in found[WEEKLY]["schedules"]:
-            response = http.patch(
-                f"deployments/{found[WEEKLY]['id']}/schedules/{schedule['id']}",
-                json={"active": False},
-            )
-            assert response.status_code == 204, response.text
+    for deployment in found.values():
+        pause_schedules(server, deployment["id"])
     return found
+
+
+def pause_schedules(server: PrefectServer, deployment_id: str) -> None:
+    """Pause a deployment's schedules: its runs then come from the test, never from the clock.
+
+    A scheduled run that falls due during the tests (the weekly refresh on Monday 06:00 UTC)
+    would otherwise be taken by the module's worker beside the run a test created.
+    """
+    with server.http() as http:
+        response = http.get(f"deployments/{deployment_id}")
+        response.raise_for_status()
+        for schedule in response.json()["schedules"]:
+            paused = http.patch(
+                f"deployments/{deployment_id}/schedules/{schedule['id']}", json={"active": False}
+            )
+            assert paused.status_code == 204, paused.text
 
 
 def run_worker(server: PrefectServer, emulator: CarbonMapperEmulator, **settings: str) -> str:
