@@ -53,9 +53,10 @@ test-unit: install
 
 ## test: lint, type-check, then all three tiers (all but the scale-out run and the wheel test),
 ##   in $(PYTEST_WORKERS) worker processes (pytest-xdist, a module per worker at a time)
+# The slowest modules first (e2e), so that the short ones fill the workers' time at the end.
 test: lint
 	$(TEST_ENV) $(PY) -m pytest -q $(NOT_SLOW) -n $(PYTEST_WORKERS) --dist loadfile \
-		tests/unit tests/integration tests/e2e
+		tests/e2e tests/integration tests/unit
 	@test -x /usr/bin/chromium || echo "make test: the browser test (tests/e2e/test_run_form.py)" \
 		"was skipped: no /usr/bin/chromium. Install it: apt-get update && apt-get install -y chromium"
 

@@ -49,7 +49,11 @@ def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[CarbonMapperEmulator]:
-    """One emulator shared by a module's tests (its counters add up across them)."""
+    """One emulator shared by a module's tests (its counters add up across them).
+
+    For module-scoped servers, workers and processes that keep its URL; a test of its own uses
+    the plugin's `carbon_mapper_emulator`, reset before each test.
+    """
     from cm_tasks.testing import CarbonMapperEmulator
 
     with CarbonMapperEmulator() as emu:

@@ -7,15 +7,12 @@ test process itself; `server` is a real `prefect server start` of their own.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from tests.support.deploy import deploy_prefect_yaml
 from tests.support.prefect_server import PrefectServer, running_prefect_server
-
-if TYPE_CHECKING:
-    from cm_tasks.testing import CarbonMapperEmulator
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +29,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     assert running.process.poll() is not None
 
 
-@pytest.fixture(scope="module")
-def deployments(server: PrefectServer, emulator: CarbonMapperEmulator) -> dict[str, Any]:
-    """prefect.yaml deployed on the module's server as the README says (pool, credentials,
-    `prefect deploy --all`), the weekly schedule paused; the two deployments by name."""
-    return deploy_prefect_yaml(server, emulator)
+@pytest.fixture(scope="session")
+def prefect_yaml_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real `prefect server start` with prefect.yaml deployed, once per test process.
+
+    The modules that run the operator's deployments (test_prefect_yaml_deploy, test_run_form)
+    share it: one server start and one `prefect deploy --all` where they run in one process.
+    """
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-yaml-server")) as running:
+        yield running
+    assert running.process.poll() is not None
+
+
+@pytest.fixture(scope="session")
+def deployments(prefect_yaml_server: PrefectServer) -> dict[str, Any]:
+    """prefect.yaml deployed on `prefect_yaml_server` as the README says (pool, the demo
+    account's Secret blocks, `prefect deploy --all`), the schedules paused; the two
+    deployments by name. Each test's worker points the runs at its own emulator."""
+    return deploy_prefect_yaml(prefect_yaml_server)

@@ -5,7 +5,8 @@ from the checkout, click Quick run (`POST /deployments/{id}/create_flow_run` wit
 parameters, as the UI does), and let `prefect worker start --pool carbon-mapper` run it. The
 worker's flow-run subprocesses inherit its environment, which points them at the emulator.
 
-One server for the whole module: it is the expensive part (about 10 s to start).
+One server, deployed once, per test process (`prefect_yaml_server`, tests/e2e/conftest.py): it
+is the expensive part, shared with tests/e2e/test_run_form.py.
 """
 
 from __future__ import annotations
@@ -100,10 +101,12 @@ def test_prefect_yaml_declares_what_the_readme_promises() -> None:
     ]
 
 
-def test_the_server_runs_the_same_prefect_as_this_process(server: PrefectServer) -> None:
+def test_the_server_runs_the_same_prefect_as_this_process(
+    prefect_yaml_server: PrefectServer,
+) -> None:
     # `make compat` runs this suite in one venv per Prefect version: the server (and so every
     # worker and CLI call, same executable) must be that version too, never another install's.
-    with server.http() as http:
+    with prefect_yaml_server.http() as http:
         response = http.get("admin/version")
     response.raise_for_status()
     assert response.json() == prefect.__version__
@@ -142,9 +145,9 @@ def test_deploy_creates_the_deployments_as_configured(deployments: dict[str, Any
 
 
 def test_the_server_enforces_the_parameter_limits(
-    server: PrefectServer, deployments: dict[str, Any]
+    prefect_yaml_server: PrefectServer, deployments: dict[str, Any]
 ) -> None:
-    with server.http() as http:
+    with prefect_yaml_server.http() as http:
         response = http.post(
             f"deployments/{deployments[WEEKLY]['id']}/create_flow_run",
             json={"parameters": {"lifetime_days": 0}},
@@ -154,19 +157,19 @@ def test_the_server_enforces_the_parameter_limits(
 
 
 def test_quick_run_on_a_worker_refreshes_the_token(
-    server: PrefectServer, emulator: CarbonMapperEmulator, deployments: dict[str, Any]
+    prefect_yaml_server: PrefectServer, emulator: CarbonMapperEmulator, deployments: dict[str, Any]
 ) -> None:
     before = len(emulator.issued_stac_tokens)
-    with server.http() as http:
+    with prefect_yaml_server.http() as http:
         flow_run_id = create_run(http, deployments[WEEKLY])
 
-        worker_output = run_worker(server, emulator)
+        worker_output = run_worker(prefect_yaml_server, emulator)
 
         flow_run = read_flow_run(http, flow_run_id)
         assert flow_run["state"]["type"] == "COMPLETED", worker_output
         assert flow_run["parameters"] == {}
         assert len(emulator.issued_stac_tokens) == before + 1
-        token = load_token(server)
+        token = load_token(prefect_yaml_server)
         assert token.get() == emulator.issued_stac_tokens[-1]
         assert token.base_url == emulator.base_url
 
@@ -196,13 +199,13 @@ def test_quick_run_on_a_worker_refreshes_the_token(
 
 
 def test_a_second_run_at_once_is_cancelled_and_the_block_stays_consistent(
-    server: PrefectServer, emulator: CarbonMapperEmulator, deployments: dict[str, Any]
+    prefect_yaml_server: PrefectServer, emulator: CarbonMapperEmulator, deployments: dict[str, Any]
 ) -> None:
     before = len(emulator.issued_stac_tokens)
-    with server.http() as http:
+    with prefect_yaml_server.http() as http:
         run_ids = [create_run(http, deployments[WEEKLY]) for _ in range(2)]
 
-        worker_output = run_worker(server, emulator)
+        worker_output = run_worker(prefect_yaml_server, emulator)
 
         runs = [read_flow_run(http, run_id) for run_id in run_ids]
         states = sorted(run["state"]["type"] for run in runs)
@@ -211,17 +214,17 @@ def test_a_second_run_at_once_is_cancelled_and_the_block_stays_consistent(
         assert "concurrency limit" in cancelled["state"]["message"]
     # Only the run that went ahead reached the API, and the block holds what it got.
     assert len(emulator.issued_stac_tokens) == before + 1
-    token = load_token(server)
+    token = load_token(prefect_yaml_server)
     assert token.get() == emulator.issued_stac_tokens[-1]
     assert token.name == emulator.stac_token_requests[-1]["name"]
 
 
 def test_watchdog_deployment_fails_and_emits_expiring(
-    server: PrefectServer, emulator: CarbonMapperEmulator, deployments: dict[str, Any]
+    prefect_yaml_server: PrefectServer, emulator: CarbonMapperEmulator, deployments: dict[str, Any]
 ) -> None:
     block_name = "expiring-token"
     expires_at = datetime.now(timezone.utc) + timedelta(days=1)
-    with server.using():
+    with prefect_yaml_server.using():
         CarbonMapperStacToken(
             token=WATCHDOG_TOKEN,
             name="old-token",
@@ -230,12 +233,12 @@ def test_watchdog_deployment_fails_and_emits_expiring(
             base_url=emulator.base_url,
         ).save(block_name, overwrite=True)
     requests_before = emulator.requests()
-    with server.http() as http:
+    with prefect_yaml_server.http() as http:
         flow_run_id = create_run(
             http, deployments[DAILY], {"parameters": {"token_block": block_name}}
         )
 
-        worker_output = run_worker(server, emulator)
+        worker_output = run_worker(prefect_yaml_server, emulator)
 
         flow_run = read_flow_run(http, flow_run_id)
         assert flow_run["state"]["type"] == "FAILED", worker_output
@@ -258,7 +261,7 @@ def test_watchdog_deployment_fails_and_emits_expiring(
 
 
 def test_server_files_hold_no_plaintext_secret(
-    server: PrefectServer, emulator: CarbonMapperEmulator, deployments: dict[str, Any]
+    prefect_yaml_server: PrefectServer, emulator: CarbonMapperEmulator, deployments: dict[str, Any]
 ) -> None:
     """After the runs above: the server's whole PREFECT_HOME (SQLite database, WAL, logs)."""
     from tests.support.leaks import collect_secrets, scan_prefect_home
@@ -266,7 +269,7 @@ def test_server_files_hold_no_plaintext_secret(
     secrets = collect_secrets(emulator, extra={"watchdog test token": WATCHDOG_TOKEN})
     assert len(secrets) > 2  # the module's runs issued tokens: an empty list would prove nothing
 
-    report = scan_prefect_home(server.home, secrets)
+    report = scan_prefect_home(prefect_yaml_server.home, secrets)
 
     assert any(path.endswith(".db") for path in report.scanned), report.scanned
     assert report.hits == []

@@ -48,6 +48,7 @@ from cm_tasks.blocks import load_token_block
 from cm_tasks.notify import REFRESHED_EVENT
 from cm_tasks.testing import CarbonMapperEmulator, Fault
 from tests.support import REPO_ROOT, SCRIPTS
+from tests.support.deploy import pause_schedules
 from tests.support.leaks import Secrets, assert_no_leak, collect_secrets, sentinel_credentials
 from tests.support.prefect_server import (
     PrefectServer,
@@ -94,7 +95,8 @@ def account(server: PrefectServer, emulator: CarbonMapperEmulator) -> Secrets:
 
 @pytest.fixture(scope="module")
 def deployments(server: PrefectServer, account: Secrets) -> dict[str, str]:
-    """The weekly refresh on its own pool (from prefect.yaml); a copy on a pool nobody serves."""
+    """The weekly refresh on its own pool (from prefect.yaml), its schedule paused; a copy on a
+    pool nobody serves."""
     with server.using(), get_client(sync_client=True) as client:
         for pool in (CREDENTIALS_POOL, IDLE_POOL):  # as `prefect work-pool create`, faster
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
@@ -113,6 +115,7 @@ def deployments(server: PrefectServer, account: Secrets) -> dict[str, str]:
             pull_steps=weekly.pull_steps,
             concurrency_limit=1,
         )
+    pause_schedules(server, str(weekly.id))
     return {WEEKLY: str(weekly.id), IDLE: str(idle_id)}
 
 

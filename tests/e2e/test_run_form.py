@@ -157,13 +157,15 @@ def page(browser: Browser) -> Iterator[Page]:
     context.close()
 
 
-def _ui_root(server: PrefectServer) -> str:
-    return server.api_url.removesuffix("/api")
+def _ui_root(prefect_yaml_server: PrefectServer) -> str:
+    return prefect_yaml_server.api_url.removesuffix("/api")
 
 
-def _open_run_form(page: Page, server: PrefectServer, prefix: str, deployment_id: str) -> str:
+def _open_run_form(
+    page: Page, prefect_yaml_server: PrefectServer, prefix: str, deployment_id: str
+) -> str:
     """Open a deployment's Custom run page; return its text once every field is filled in."""
-    page.goto(f"{_ui_root(server)}{prefix}/deployments/deployment/{deployment_id}/run")
+    page.goto(f"{_ui_root(prefect_yaml_server)}{prefix}/deployments/deployment/{deployment_id}/run")
     page.get_by_text("Parameters", exact=True).first.wait_for()
     page.wait_for_function(f"() => Object.keys(({FORM_VALUES_JS})()).length >= 2")
     return page.inner_text("body")
@@ -175,14 +177,14 @@ def _form_values(page: Page) -> dict[str, str]:
 
 @pytest.mark.parametrize(("ui", "prefix"), UIS)
 def test_custom_run_form_shows_what_a_weekly_run_uses(
-    server: PrefectServer,
+    prefect_yaml_server: PrefectServer,
     deployments: dict[str, Any],
     screenshots: Path,
     page: Page,
     ui: str,
     prefix: str,
 ) -> None:
-    text = _open_run_form(page, server, prefix, deployments[WEEKLY]["id"])
+    text = _open_run_form(page, prefect_yaml_server, prefix, deployments[WEEKLY]["id"])
 
     assert _form_values(page) == {
         "token_name": "",
@@ -202,16 +204,20 @@ def test_custom_run_form_shows_what_a_weekly_run_uses(
 
 @pytest.mark.parametrize(("ui", "prefix"), UIS)
 def test_custom_run_form_shows_what_a_daily_check_uses(
-    server: PrefectServer, deployments: dict[str, Any], page: Page, ui: str, prefix: str
+    prefect_yaml_server: PrefectServer,
+    deployments: dict[str, Any],
+    page: Page,
+    ui: str,
+    prefix: str,
 ) -> None:
-    text = _open_run_form(page, server, prefix, deployments[DAILY]["id"])
+    text = _open_run_form(page, prefect_yaml_server, prefix, deployments[DAILY]["id"])
 
     assert _form_values(page) == {"threshold_days": "3", "token_block": TOKEN_BLOCK}
     assert NONE_SWITCH not in text, ui
 
 
 def test_finished_refresh_shows_its_artifact_and_no_token(
-    server: PrefectServer,
+    prefect_yaml_server: PrefectServer,
     emulator: CarbonMapperEmulator,
     deployments: dict[str, Any],
     screenshots: Path,
@@ -219,16 +225,16 @@ def test_finished_refresh_shows_its_artifact_and_no_token(
 ) -> None:
     from playwright.sync_api import expect
 
-    with server.http() as http:
+    with prefect_yaml_server.http() as http:
         flow_run_id = create_run(http, deployments[WEEKLY])
-        worker_output = run_worker(server, emulator)
+        worker_output = run_worker(prefect_yaml_server, emulator)
         flow_run = read_flow_run(http, flow_run_id)
         assert flow_run["state"]["type"] == "COMPLETED", worker_output
         logs = json.dumps(read_logs(http, flow_run_id))
-    token = load_token(server)
+    token = load_token(prefect_yaml_server)
 
     # The run's Artifacts tab lists the artifact as a card; the card opens it, rendered.
-    page.goto(f"{_ui_root(server)}{MAIN_UI}/runs/flow-run/{flow_run_id}?tab=Artifacts")
+    page.goto(f"{_ui_root(prefect_yaml_server)}{MAIN_UI}/runs/flow-run/{flow_run_id}?tab=Artifacts")
     if not HAS_V2_UI:  # the classic UI of Prefect 3.2 opens on its Logs tab, under a modal
         page.locator("#artifacts").dispatch_event("click")
     card = page.get_by_text(f"The STAC token saved to block {TOKEN_BLOCK}").first
@@ -260,14 +266,14 @@ def test_finished_refresh_shows_its_artifact_and_no_token(
 
 
 def test_a_worker_setting_the_form_does_not_show_stops_the_run_before_any_call(
-    server: PrefectServer, emulator: CarbonMapperEmulator, deployments: dict[str, Any]
+    prefect_yaml_server: PrefectServer, emulator: CarbonMapperEmulator, deployments: dict[str, Any]
 ) -> None:
     """The worker says CM_TOKEN_BLOCK=team-stac-token; the form says carbon-mapper-stac-token."""
-    stored = _stored_token(server, TOKEN_BLOCK)
+    stored = _stored_token(prefect_yaml_server, TOKEN_BLOCK)
     requests_before = emulator.requests()
-    with server.http() as http:
+    with prefect_yaml_server.http() as http:
         flow_run_id = create_run(http, deployments[WEEKLY])  # Quick run: the form's defaults
-        worker_output = run_worker(server, emulator, CM_TOKEN_BLOCK=TEAM_BLOCK)
+        worker_output = run_worker(prefect_yaml_server, emulator, CM_TOKEN_BLOCK=TEAM_BLOCK)
         flow_run = read_flow_run(http, flow_run_id)
 
     assert flow_run["state"]["type"] == "FAILED", worker_output
@@ -276,38 +282,40 @@ def test_a_worker_setting_the_form_does_not_show_stops_the_run_before_any_call(
     assert f"CM_TOKEN_BLOCK='{TEAM_BLOCK}'" in message
     assert "prefect.yaml `parameters:`" in message
     assert emulator.requests() == requests_before  # stopped before any call to the API
-    assert _stored_token(server, TOKEN_BLOCK) == stored
-    assert _stored_token(server, TEAM_BLOCK) is None
+    assert _stored_token(prefect_yaml_server, TOKEN_BLOCK) == stored
+    assert _stored_token(prefect_yaml_server, TEAM_BLOCK) is None
 
 
 def test_a_deployment_parameter_naming_the_worker_block_is_written_and_read(
-    server: PrefectServer,
+    prefect_yaml_server: PrefectServer,
     emulator: CarbonMapperEmulator,
     deployments: dict[str, Any],
     page: Page,
 ) -> None:
     """The fix the conflict message gives: the deployment names the worker's block."""
     weekly_id = deployments[WEEKLY]["id"]
-    with server.http() as http:
+    with prefect_yaml_server.http() as http:
         http.patch(
             f"deployments/{weekly_id}", json={"parameters": {"token_block": TEAM_BLOCK}}
         ).raise_for_status()
         try:
-            _open_run_form(page, server, MAIN_UI, weekly_id)
+            _open_run_form(page, prefect_yaml_server, MAIN_UI, weekly_id)
             assert _form_values(page)["token_block"] == TEAM_BLOCK  # the form shows it
             flow_run_id = create_run(http, deployments[WEEKLY])
-            worker_output = run_worker(server, emulator, CM_TOKEN_BLOCK=TEAM_BLOCK)
+            worker_output = run_worker(prefect_yaml_server, emulator, CM_TOKEN_BLOCK=TEAM_BLOCK)
             flow_run = read_flow_run(http, flow_run_id)
         finally:
             http.patch(f"deployments/{weekly_id}", json={"parameters": {}}).raise_for_status()
 
     assert flow_run["state"]["type"] == "COMPLETED", worker_output
     assert flow_run["parameters"] == {"token_block": TEAM_BLOCK}
-    assert load_token(server, TEAM_BLOCK).get() == emulator.issued_stac_tokens[-1]
+    assert load_token(prefect_yaml_server, TEAM_BLOCK).get() == emulator.issued_stac_tokens[-1]
     # An ingest process configured like the worker reads that block with get_stac_token().
     reader = subprocess.run(
         [sys.executable, "-c", INGEST_READER],
-        env=server.client_env({"CM_TOKEN_BLOCK": TEAM_BLOCK, "CM_BASE_URL": emulator.base_url}),
+        env=prefect_yaml_server.client_env(
+            {"CM_TOKEN_BLOCK": TEAM_BLOCK, "CM_BASE_URL": emulator.base_url}
+        ),
         capture_output=True,
         text=True,
         timeout=120,
@@ -325,10 +333,10 @@ print(hashlib.sha256(get_stac_token().encode()).hexdigest())
 """
 
 
-def _stored_token(server: PrefectServer, block_name: str) -> str | None:
+def _stored_token(prefect_yaml_server: PrefectServer, block_name: str) -> str | None:
     """The token saved in block_name, or None when there is no such block."""
     try:
-        return load_token(server, block_name).get()
+        return load_token(prefect_yaml_server, block_name).get()
     except ValueError:  # Prefect: "Unable to find block document named ..."
         return None
 

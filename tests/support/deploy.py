@@ -26,19 +26,20 @@ DAILY = "check-stac-token/daily"
 QUICK_RUN = {"state": {"type": "SCHEDULED", "message": "Run from the Prefect UI with defaults"}}
 
 
-def deploy_prefect_yaml(server: PrefectServer, emulator: CarbonMapperEmulator) -> dict[str, Any]:
-    """The README's steps: a pool, the credentials in Secret blocks, `deploy --all`.
+def deploy_prefect_yaml(server: PrefectServer) -> dict[str, Any]:
+    """The README's steps: a pool, the emulator's demo account in Secret blocks, `deploy --all`.
 
-    The weekly schedule is then paused: a test creates the runs it wants, and a scheduled run
-    of the weekly refresh must not start beside them (on Monday 06:00 UTC). Returns the two
-    deployments as the API shows them, by name.
+    Their schedules are then paused: a test creates the runs it wants, and a scheduled run
+    (the weekly refresh on Monday 06:00 UTC, the daily check at 07:00) must not start beside
+    them. Returns the two deployments as the API showed them right after the deploy, by name.
     """
     server.prefect("work-pool", "create", POOL, "--type", "process")
+    demo = CarbonMapperEmulator()  # not started: every emulator has the same demo account
     # `_sync=True`: a test may hold an event loop in this thread (pytest-asyncio, Playwright),
     # which would make Prefect's dual sync/async methods return coroutines.
     with server.using():
-        Secret(value=emulator.email).save(EMAIL_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
-        Secret(value=emulator.password).save(PASSWORD_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
+        Secret(value=demo.email).save(EMAIL_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
+        Secret(value=demo.password).save(PASSWORD_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
     deploy = server.prefect("--no-prompt", "deploy", "--all", cwd=REPO_ROOT)
     assert WEEKLY in deploy.stdout
     found = {}
@@ -47,14 +48,25 @@ def deploy_prefect_yaml(server: PrefectServer, emulator: CarbonMapperEmulator) -
             response = http.get(f"deployments/name/{name}")
             assert response.status_code == 200, response.text
             found[name] = response.json()
-    with server.http() as http:
-        for schedule in found[WEEKLY]["schedules"]:
-            response = http.patch(
-                f"deployments/{found[WEEKLY]['id']}/schedules/{schedule['id']}",
-                json={"active": False},
-            )
-            assert response.status_code == 204, response.text
+    for deployment in found.values():
+        pause_schedules(server, deployment["id"])
     return found
+
+
+def pause_schedules(server: PrefectServer, deployment_id: str) -> None:
+    """Pause a deployment's schedules: its runs then come from the test, never from the clock.
+
+    A scheduled run that falls due during the tests (the weekly refresh on Monday 06:00 UTC)
+    would otherwise be taken by the module's worker beside the run a test created.
+    """
+    with server.http() as http:
+        response = http.get(f"deployments/{deployment_id}")
+        response.raise_for_status()
+        for schedule in response.json()["schedules"]:
+            paused = http.patch(
+                f"deployments/{deployment_id}/schedules/{schedule['id']}", json={"active": False}
+            )
+            assert paused.status_code == 204, paused.text
 
 
 def run_worker(server: PrefectServer, emulator: CarbonMapperEmulator, **settings: str) -> str:
