@@ -365,9 +365,14 @@ def print_timeline(outcome: Outcome) -> None:
             return "never"
         return f"{min(times) - save:+.2f} s .. {max(times) - save:+.2f} s"
 
+    # Prefect's events stream may also deliver older `refreshed` events (a backfill of recent
+    # events on subscribing): shown apart, as they are not this renewal's.
+    older = [t for t in delivered if t < save]
+    delivered = [t for t in delivered if t >= save]
     print(
         f"  after the last block save: refreshed event sent {at(sent)}; delivered to waiting"
         f" processes ({len(delivered)} deliveries) {at(delivered)}; their tokens {at(tokens)}"
+        + (f"; {len(older)} deliveries of an older refreshed event before it" if older else "")
     )
 
 
