@@ -28,5 +28,5 @@ def test_the_artifact_names_get_stac_token(
     assert call in text
     assert "from cm_tasks import get_stac_token" in text
     assert "CarbonMapperStacToken.load" not in text
-    for secret in credentials.issued_stac_tokens + [credentials.password]:
+    for secret in [*credentials.issued_stac_tokens, credentials.password]:
         assert secret not in text
