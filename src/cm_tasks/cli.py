@@ -7,6 +7,7 @@
     cm-tasks emulator   serve the Carbon Mapper API emulator on 127.0.0.1
     cm-tasks deploy     create or update the weekly refresh and daily check on a work pool
     cm-tasks serve      run the same two deployments from this process (no pool, no worker)
+    cm-tasks docs       print the documentation installed with the package
 
 The password is only ever read from a hidden prompt: there is no option for it, so it never
 lands in shell history or a process list. Every command talks to the Prefect API that
@@ -470,6 +471,29 @@ def emulator(
     from cm_tasks.testing.__main__ import serve
 
     serve(port, latency)
+
+
+@app.command()
+def docs(
+    page: Annotated[
+        str | None,
+        typer.Argument(
+            help="Page to print: readme, usage, operate, reference, security, scaling-out, "
+            "development or changelog. Without it: the list of pages and their files.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Print cm-tasks' documentation, which is installed with the package (Markdown).
+
+    Without a page, lists the pages and where their files are (open them in any Markdown
+    viewer: the links between them work there).
+    """
+    from cm_tasks import docs as documentation
+
+    code = documentation.main([page] if page else [])
+    if code:
+        raise typer.Exit(code)
 
 
 def _pool_option(value: str) -> str:

@@ -22,6 +22,7 @@ from prefect.events import emit_event
 
 from cm_tasks._logging import current_logger
 from cm_tasks.blocks import CarbonMapperStacToken
+from cm_tasks.settings import DEFAULT_TOKEN_BLOCK
 
 REFRESHED_EVENT = "carbon-mapper.stac-token.refreshed"
 EXPIRING_EVENT = "carbon-mapper.stac-token.expiring"
@@ -132,13 +133,23 @@ def _refreshed_artifact(token: CarbonMapperStacToken, block_name: str, left: flo
                 ("Expires", f"{token.expires_at:%Y-%m-%d %H:%M} UTC"),
                 ("Days left", f"{left:.1f}"),
             ],
-            footer=(
-                "Ingest flows load it with "
-                f'`CarbonMapperStacToken.load("{block_name}")`. The token itself is kept '
-                "encrypted in the block and is not shown here."
-            ),
+            footer=_how_to_use(block_name),
         ),
         key=artifact_key(block_name),
         description=f"The STAC token saved to block {block_name}: name, scopes, expiry.",
         _sync=True,  # type: ignore[call-arg]  # sync even inside an async flow (else a coroutine)
+    )
+
+
+def _how_to_use(block_name: str) -> str:
+    """The artifact's advice: the README's way to read the token, for this block."""
+    call = (
+        "get_stac_token()"
+        if block_name == DEFAULT_TOKEN_BLOCK
+        else f'get_stac_token("{block_name}")'
+    )
+    return (
+        f"Ingest code gets it with `from cm_tasks import get_stac_token` and `{call}`: read "
+        "once per process, renewed before it runs out. The token itself is kept encrypted in "
+        "the block and is not shown here."
     )

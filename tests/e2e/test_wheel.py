@@ -207,6 +207,19 @@ def test_the_installed_package_comes_from_the_fresh_venv(
     assert "PYTHONPATH" not in env
 
 
+def test_the_docs_are_installed_and_readable_without_a_checkout(
+    fresh_venv: FreshVenv, tmp_path: Path
+) -> None:
+    where = _empty_dir(tmp_path, "empty-docs")
+    env = fresh_venv.env(tmp_path / "prefect-home")
+
+    listed = _run(["cm-tasks", "docs"], cwd=where, env=env)
+    page = _run(["cm-tasks", "docs", "operate"], cwd=where, env=env)
+
+    assert f"operate      {fresh_venv.path}/share/cm-tasks/docs/operate.md" in listed.stdout
+    assert page.stdout == (REPO_ROOT / "docs" / "operate.md").read_text()
+
+
 # --- from empty directories: emulator, server, login, deploy, worker, serve -------------------
 
 

@@ -90,3 +90,12 @@ def test_prefect_yaml_declares_the_same_trigger() -> None:
     assert declared["enabled"] is True
     assert set(declared["expect"]) == built.expect
     assert declared["match"] == built.match.model_dump()
+
+
+@pytest.mark.parametrize("self_heal", [True, False])
+def test_deploy_and_serve_build_the_trigger_unless_told_not_to(self_heal: bool) -> None:
+    from cm_tasks.deployments import build_deployments
+
+    built = {d.name: d for d in build_deployments(self_heal=self_heal)}
+    assert len(built["weekly"].triggers) == (1 if self_heal else 0)
+    assert built["daily"].triggers == []
