@@ -1,0 +1,198 @@
+"""Issue 16: one renewal per block, every waiter gets its outcome, no polling while waiting.
+
+Against the emulator over HTTP and the session's real Prefect API. Each test failed on the
+code before the renewal was rebuilt (`cm_tasks._renewal`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from cm_tasks import (
+    UnexpectedResponseError,
+    aget_stac_token,
+    clear_token_cache,
+    get_stac_token,
+    stac_http_client,
+)
+from cm_tasks._refresh_lease import try_lease
+from cm_tasks.notify import publish_refreshed
+from cm_tasks.testing import CarbonMapperEmulator, Fault
+
+from ..token_helpers import CREATE_STAC, delete_token_block, mint, save_token, stored_token
+
+TOKEN_PAIR = "token/pair"
+
+
+def _asset(emu: CarbonMapperEmulator) -> str:
+    item_id, _ = emu.large_asset
+    return f"stac/assets/{item_id}/rgb.tif"
+
+
+def test_a_create_stac_that_may_have_made_a_token_is_every_waiters_outcome_and_cools_down(
+    credentials: CarbonMapperEmulator,
+) -> None:
+    # Case 2: a 200 of another shape (the token nested under `data`): the token exists but
+    # cannot be read. Before, each of the 8 waiters made its own create-stac.
+    emu = credentials
+    delete_token_block()
+    clear_token_cache()
+    emu.fail(CREATE_STAC, Fault.status(200, body={"data": {"token": "x"}}, times=100))
+
+    def call() -> str:
+        try:
+            return get_stac_token()
+        except Exception as exc:  # each caller's error is its outcome
+            return type(exc).__name__
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(lambda _: contextvars.copy_context().run(call), range(8)))
+
+    assert outcomes == ["UnexpectedResponseError"] * 8
+    assert emu.requests(CREATE_STAC) == 1
+    # The cool-down: the next call is the same outcome, without another create-stac.
+    with pytest.raises(UnexpectedResponseError):
+        get_stac_token()
+    assert emu.requests(CREATE_STAC) == 1
+
+
+def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_polling(
+    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fleet's cost: a waiter used to ask for the lease about once a second until the
+    # holder was done. Now it asks once, then listens; the save's event wakes it.
+    from cm_tasks import _compat
+
+    emu = credentials
+    save_token(emu, mint(emu), timedelta(minutes=20))  # within min_valid (1 h): stale
+    clear_token_cache()
+    tries: list[float] = []
+    real_take = _compat.take_slot
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        tries.append(time.monotonic())
+        return real_take(*args, **kwargs)
+
+    monkeypatch.setattr(_compat, "take_slot", counted)
+    held, release = threading.Event(), threading.Event()
+
+    def another_process_renews() -> None:  # holds the lease as another process would
+        with try_lease("carbon-mapper-stac-token", 60) as mine:
+            assert mine
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=contextvars.copy_context().run, args=(another_process_renews,))
+    holder.start()
+    assert held.wait(60)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiting = pool.submit(contextvars.copy_context().run, get_stac_token)
+        deadline = time.monotonic() + 60
+        while len(tries) < 2 and time.monotonic() < deadline:  # the holder's, then the waiter's
+            time.sleep(0.05)
+        time.sleep(3)  # not a wait for a state: the span in which a poller would ask again
+        assert len(tries) == 2
+        renewed = save_token(emu, mint(emu), timedelta(days=13))
+        saved_at = time.monotonic()
+        publish_refreshed(renewed, "carbon-mapper-stac-token")
+        token = waiting.result(timeout=60)
+        got_it_after = time.monotonic() - saved_at
+    release.set()
+    holder.join(60)
+    assert token == renewed.get()
+    assert got_it_after < 2.0
+    assert len(tries) == 2  # the waiter asked for the lease once
+    assert emu.requests(CREATE_STAC) == 0
+
+
+async def test_async_waiters_hold_no_worker_thread(credentials: CarbonMapperEmulator) -> None:
+    # Case 8: 45 aget_stac_token callers waiting for one renewal used to take anyio's 40
+    # worker threads, and unrelated to_thread work in the process stalled until it ended.
+    emu = credentials
+    delete_token_block()
+    clear_token_cache()
+    emu.fail(TOKEN_PAIR, Fault.delay(6))
+    async with anyio.create_task_group() as group:
+        for _ in range(45):
+            group.start_soon(aget_stac_token)
+        await anyio.sleep(0.5)  # let every caller start waiting
+        started = time.monotonic()
+        assert await anyio.to_thread.run_sync(lambda: 42) == 42
+        unrelated = time.monotonic() - started
+    assert unrelated < 2.0
+    assert emu.requests(CREATE_STAC) == 1
+
+
+def test_off_mode_returns_a_401_that_is_not_about_the_token(
+    carbon_mapper_emulator: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Case 11: a token 20 minutes old, an asset the account may not read: the 401 comes back
+    # instead of "refresh it".
+    emu = carbon_mapper_emulator
+    monkeypatch.setenv("CM_BASE_URL", emu.base_url)
+    save_token(emu, mint(emu), timedelta(days=13), created_ago=timedelta(minutes=20))
+    clear_token_cache()
+    path = _asset(emu)
+    emu.fail(path, Fault.status(401, times=10))
+    with stac_http_client(refresh="off") as http:
+        response = http.get(path)
+    assert response.status_code == 401
+    assert emu.requests(CREATE_STAC) == 0
+
+
+def test_a_token_made_in_the_future_is_renewed_once_on_a_401(
+    credentials: CarbonMapperEmulator,
+) -> None:
+    # Case 13: platform clock skew put created_at 10 minutes ahead; such a token used to be
+    # "just made" for 25 minutes, so a 401 renewed nothing.
+    emu = credentials
+    rejected = mint(emu)
+    save_token(emu, rejected, timedelta(days=13), created_ago=-timedelta(minutes=10))
+    clear_token_cache()
+    path = _asset(emu)
+    emu.fail(path, Fault.status(401, times=1))
+    with stac_http_client() as http:
+        response = http.get(path)
+    assert response.status_code == 200
+    assert emu.requests(CREATE_STAC) == 1
+    assert stored_token() != rejected
+
+
+def test_a_prefect_api_hanging_on_concurrency_calls_serves_the_cached_token(
+    credentials: CarbonMapperEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Case 7: the lease call hangs; a valid cached token (within min_valid) is served within
+    # the patience bound instead of after minutes.
+    from cm_tasks import _compat
+
+    emu = credentials
+    cached = save_token(emu, mint(emu), timedelta(minutes=50))
+    clear_token_cache()
+    assert get_stac_token(min_valid=timedelta(minutes=10)) == cached.get()
+    hang = threading.Event()
+
+    def hanging(*args: Any, **kwargs: Any) -> Any:
+        hang.wait(120)
+        raise TimeoutError
+
+    monkeypatch.setattr(_compat, "take_slot", hanging)
+    caplog.set_level(logging.WARNING)
+    started = time.monotonic()
+    try:
+        assert get_stac_token() == cached.get()
+    finally:
+        hang.set()
+    assert time.monotonic() - started < 20
+    assert "Using the cached token" in caplog.text
