@@ -42,11 +42,7 @@ class Slot:
 def take_slot(
     client: SyncPrefectClient, api: str | None, name: str, duration: float
 ) -> Slot | None:
-    """Try once to take the single slot of limit `name` (made if missing); None if held.
-
-    Raises:
-        PrefectHTTPStatusError: the Prefect API refused (other than 423, "held").
-    """
+    """Try once to take the single slot of limit `name` (made if missing); None if held."""
     duration = min(max(duration, MIN_LEASE_SECONDS), MAX_LEASE_SECONDS)
     for _ in range(2):
         try:
@@ -99,8 +95,3 @@ def release_slot(client: SyncPrefectClient, slot: Slot, held_seconds: float) -> 
         client.release_concurrency_slots_with_lease(slot.lease_id)
     else:
         client.release_concurrency_slots(names=[slot.name], slots=1, occupancy_seconds=held_seconds)
-
-
-def has_leases_on(api: str | None) -> bool:
-    """Whether slots taken on this Prefect API lapse by themselves (3.4+ client and server)."""
-    return prefect_has_leases() and api not in _no_leases

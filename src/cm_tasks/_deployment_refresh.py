@@ -1,18 +1,11 @@
 """Renew the token through a run of the refresh deployment (`CM_REFRESH_MODE=deployment`).
 
-The process that needs a token never reads a Secret block and never calls the Carbon Mapper
-API: holding the block's renewal lease (`cm_tasks._renewal`), it joins a run of
-`CM_REFRESH_DEPLOYMENT` that is already renewing its block, or starts one with the run
-parameters `token_block` (and `base_url`, where the flow has it: the run refuses an API it
-cannot honour), and waits until the run is final - on the events stream, not by polling.
-
-- **Which run serves a block**: its parameters as the flow will see them; a run without
-  `token_block` (a Quick run, the weekly schedule) renews the flow's default block.
-- **A run no longer alive is not joined**: one Running for longer than a refresh can take
-  (`refresh_time_bound`) is marked Crashed, which also frees the deployment's concurrency
-  slot on every Prefect version, and a new run is started.
-- **A run cancelled by the deployment's concurrency limit** (CANCEL_NEW, because another run
-  holds the slot) hands the wait over to the run that holds it.
+Holding the block's renewal lease, the caller joins a live run that renews its block (by the
+run's parameters with the flow's defaults filled in: a Quick or scheduled run counts) or starts
+one with `token_block` (and `base_url` where the flow takes it), then waits on the run's events.
+A run Running for longer than a refresh can take is marked Crashed (which frees the
+deployment's concurrency slot on every Prefect version) and not joined. A run that the
+deployment's limit cancelled hands the wait to the run that holds the slot.
 """
 
 from __future__ import annotations
@@ -260,26 +253,19 @@ def _timeout(
 ) -> RefreshTimeoutError:
     pool = deployment.work_pool_name
     if run.state_type == StateType.SCHEDULED:
-        fix = (
-            f"start a worker of work pool {pool!r} with the credential blocks "
-            f"(`prefect worker start --pool {pool}`)"
-            if pool
-            else "start the process that serves the deployment"
-        )
         what = (
-            "was scheduled but not picked up by any worker within CM_REFRESH_TIMEOUT "
-            f"({settings.refresh_timeout:g} s): {fix}"
+            "was scheduled but not picked up by any worker: start one for work pool "
+            f"{pool!r} with the credential blocks (`prefect worker start --pool {pool}`)"
         )
     else:
         what = (
-            f"is still {run.state_name or _state_type(run)} after CM_REFRESH_TIMEOUT "
-            f"({settings.refresh_timeout:g} s; work pool {pool!r}): see its logs; a run "
-            "whose worker is gone is marked Crashed by the next caller once it has run longer "
-            "than a refresh can take"
+            f"is still {run.state_name}: see its logs; a run whose worker is gone is marked "
+            "Crashed by the next caller once it has run longer than a refresh can take"
         )
     return RefreshTimeoutError(
         f"The refresh run {run.name!r} of deployment {settings.refresh_deployment!r} {what}. "
-        f"The token in block {block_name!r} was not renewed.",
+        f"Waited CM_REFRESH_TIMEOUT ({settings.refresh_timeout:g} s); the token in block "
+        f"{block_name!r} was not renewed.",
         flow_run_name=run.name,
         flow_run_id=str(run.id),
         state_type=_state_type(run),

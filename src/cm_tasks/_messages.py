@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from cm_tasks.settings import api_identity
 
 if TYPE_CHECKING:
-    from cm_tasks._token_cache import Entry
     from cm_tasks.blocks import CarbonMapperStacToken
 
 
@@ -73,21 +72,12 @@ def refresh_disabled(
     )
 
 
-def just_made(block_name: str, block: CarbonMapperStacToken, min_valid: timedelta) -> str:
-    """A token made moments ago is within min_valid: used anyway."""
+def within_min_valid(block_name: str, block: CarbonMapperStacToken, min_valid: timedelta) -> str:
+    """A token made moments ago (or just now) already expires within min_valid."""
     return (
         f"The STAC token of block {block_name!r} was made at {block.created_at.isoformat()} "
         f"and expires at {block.expires_at.isoformat()}, within min_valid ({min_valid}). It is "
-        "used anyway: a refresh now would not give a longer-lived token. Lower min_valid, or "
-        "check the lifetime the API grants (CM_TOKEN_LIFETIME_DAYS)."
-    )
-
-
-def short_lived(block_name: str, block: CarbonMapperStacToken, min_valid: timedelta) -> str:
-    """The new token is already within min_valid."""
-    return (
-        f"The new STAC token of block {block_name!r} expires at "
-        f"{block.expires_at.isoformat()}, within min_valid ({min_valid}). Lower min_valid or "
+        "used anyway: a renewal now would not give a longer-lived token. Lower min_valid, or "
         "check the lifetime the API grants (CM_TOKEN_LIFETIME_DAYS)."
     )
 
@@ -98,22 +88,6 @@ def still_stale(block_name: str, min_valid: timedelta) -> str:
         f"The renewal of block {block_name!r} ended, but the block still has no token valid "
         f"for min_valid ({min_valid}). The refresh may save tokens with a short lifetime "
         "(CM_TOKEN_LIFETIME_DAYS where it runs), or the API keeps rejecting new tokens."
-    )
-
-
-def renewing_inline(block_name: str) -> str:
-    """An inline renewal starts."""
-    return (
-        f"The STAC token in block {block_name!r} is missing or about to expire: getting a new one."
-    )
-
-
-def serving_while_renewing(block_name: str, entry: Entry) -> str:
-    """A renewal is slow; the cached token, still valid, is used meanwhile."""
-    return (
-        f"The renewal of block {block_name!r} has not ended (the platform, the Prefect API "
-        "or the refresh deployment is slow or down). Using the cached token, which expires "
-        f"at {entry.block.expires_at.isoformat()}, meanwhile."
     )
 
 
@@ -128,28 +102,20 @@ def serving_stale(
     )
 
 
-def waited_too_long(block_name: str, bound: float, mode: str) -> str:
+def waited_too_long(block_name: str, bound: float) -> str:
     """Another process held the renewal lease for the whole bound."""
-    bound_by = "CM_REFRESH_TIMEOUT" if mode == "deployment" else "CM_TIMEOUT, CM_MAX_ATTEMPTS"
     return (
-        f"Waited {bound:.0f} s ({bound_by}) for another process's renewal of block "
-        f"{block_name!r} without hearing its outcome or seeing the block renewed. That "
-        "renewal may be stuck: look for a hung process or refresh run. On Prefect before "
-        f"3.4 a killed holder keeps the lease: free it with `prefect gcl update "
-        f"cm-tasks-refresh-{block_name} --active-slots 0`."
+        f"Waited {bound:.0f} s for another process's renewal of block {block_name!r} without "
+        "its outcome. Look for a hung process or refresh run; on Prefect before 3.4 a killed "
+        f"holder keeps the lease: `prefect gcl update cm-tasks-refresh-{block_name} "
+        "--active-slots 0`."
     )
 
 
 def their_failure(block_name: str, error: str, retry_after: float, run: str | None) -> str:
     """Another process's renewal, which this one waited for, failed."""
-    wait = (
-        f" It may have made a token it could not save: nobody renews this block for "
-        f"{retry_after:.0f} s, so that the next renewal is one decision, not a race."
-        if retry_after
-        else ""
-    )
-    where = f"the refresh run {run!r}" if run else "that process's log"
+    cool = f" Nobody renews the block for {retry_after:.0f} s: it may hold an unsaved token."
     return (
-        f"Another process's renewal of block {block_name!r}, which this one waited for, "
-        f"failed ({error}): see {where} for why.{wait}"
+        f"Another process's renewal of block {block_name!r} failed ({error}): see "
+        f"{f'the refresh run {run!r}' if run else 'its log'}.{cool if retry_after else ''}"
     )

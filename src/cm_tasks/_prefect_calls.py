@@ -1,9 +1,8 @@
-"""Prefect API calls of the renewal, each bounded in time, each failure a typed error.
+"""Prefect API calls of the renewal: each bounded in time, each failure a typed error.
 
-A Prefect API that hangs (on any endpoint) must not hold a caller for Prefect's default
-request time-out times its retries (6 x 60 s): inside `bounded_calls` every request gets at most
-`CALL_SECONDS` and two retries, and any failure becomes a `TokenBlockError` that names what was
-being done, never the Prefect error itself (which can carry a request).
+Inside `bounded_calls` a request gets at most `CALL_SECONDS` and two retries (not Prefect's
+default 6 x 60 s), and a failure becomes a `TokenBlockError` that names what was being done,
+never the Prefect error itself (which can carry a request).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """One renewal per token block at a time, across every process that shares a Prefect API.
 
-The lease is a Prefect global concurrency limit of 1 per block, `cm-tasks-refresh-<block>`,
-taken on the Prefect API current when it is asked for. It is tried once, never polled: a
-process that finds it held waits for the holder's outcome on the events stream
-(`cm_tasks._token_events`), not on this limit. The lease outlives a holder that died by the
-renewal's own time bound (Prefect 3.4+); on Prefect 3.2-3.3 the slot is held until released
-(see `cm_tasks._compat`).
+A Prefect global concurrency limit of 1 per block, `cm-tasks-refresh-<block>`, taken on the
+current Prefect API. It is tried once, never polled: a process that finds it held hears the
+holder's outcome on the events stream (`cm_tasks._token_events`). See `cm_tasks._compat` for
+what differs without leases (Prefect 3.2-3.3).
 """
 
 from __future__ import annotations
@@ -47,14 +45,6 @@ def refresh_time_bound(settings: CarbonMapperSettings) -> float:
     Two API calls, each up to `CM_MAX_ATTEMPTS` attempts of the connect time-out plus
     `CM_TIMEOUT` to send and again to read, with the longer of the backoff and
     `CM_RETRY_AFTER_CAP` between attempts. With the defaults that is 980 s.
-
-    Example:
-        ```python
-        from cm_tasks import load_settings
-        from cm_tasks._refresh_lease import refresh_time_bound
-
-        print(refresh_time_bound(load_settings()))  # 980.0 with the defaults
-        ```
     """
     policy = RetryPolicy(
         max_attempts=settings.max_attempts,

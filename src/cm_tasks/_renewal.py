@@ -1,24 +1,15 @@
 """When a token is renewed, and how one renewal serves every caller that needs it.
 
-- **The decision** (`decide`) is a pure function of the block and the call: use the token,
-  give a 401 back, or renew.
-- **One renewal per block at a time.** In a process, the first caller that must renew starts
-  a `Flight` (a thread of its own, so no caller's thread - and no anyio worker thread - is
-  held by the work) and every other caller waits for that flight's `Outcome`: the new block,
-  or the failure. Across processes, the flight tries once to take the block's lease
-  (`cm_tasks._refresh_lease`); a flight that finds it held listens for the holder's outcome on
-  Prefect's events stream (`cm_tasks._token_events`) and reads the block once when it comes,
-  with a slow, jittered read (and one more try of the lease) where the stream is silent.
-- **Outcomes, not races.** A renewal that failed is the outcome of everyone waiting for it.
-  After a `create-stac` whose answer was lost (the token may exist), nobody renews the block
-  for `COOL_DOWN_SECONDS`: the next renewal is then one decision under the lease.
-- **Serving through outages, one rule for every mode.** A caller whose cached token has not
-  expired waits at most `PATIENCE_SECONDS` for a renewal, and on any failure but a
-  configuration error gets that token back with a warning; the next attempt comes after
-  `OUTAGE_RETRY_SECONDS`.
-- **Renew on a 401 once per token.** A token the API rejects is renewed once, whenever it was
-  made; a 401 on a token that such a renewal gave is returned to the caller (mode `off`
-  returns every 401).
+- `decide`: use the token, give a 401 back, or renew. A 401 renews a token once, whenever it
+  was made; a 401 on the token that renewal gave (or any 401 in mode `off`) is the caller's.
+- One `Flight` per block per process, in a thread of its own: callers wait for its `Outcome`
+  (the block, or the failure) without holding a thread. Across processes the flight tries the
+  block's lease once; if it is held, it listens on Prefect's events stream for the holder's
+  outcome and reads the block once, with a slow jittered read where the stream is silent.
+- A create-stac that may have made a token is everyone's failure, then a cool-down: the next
+  renewal is one decision under the lease, not a race.
+- One outage rule for every mode: a caller whose cached token has not expired waits at most
+  `PATIENCE_SECONDS` and gets that token on any failure but a configuration error.
 """
 
 from __future__ import annotations
@@ -92,22 +83,11 @@ class Call:
     rejected: str | None  # the token the API answered 401 to, if that is why we are here
     mode: RefreshMode
 
-    @property
-    def block_name(self) -> str:
-        """The token block."""
-        return self.key[1]
+    block_name = property(lambda self: self.key[1], doc="The token block.")
 
 
 def decide(block: CarbonMapperStacToken | None, call: Call, from_401: bool = False) -> Action:
-    """The one decision: use the token, give the 401 back, or renew.
-
-    Example:
-        ```python
-        from cm_tasks._renewal import Action, decide
-
-        assert decide(None, call) is Action.RENEW  # no block yet
-        ```
-    """
+    """The one decision: use the token, give the 401 back, or renew."""
     if block is None:
         return Action.RENEW
     if call.rejected is not None and block.get() == call.rejected:
@@ -146,8 +126,9 @@ class Flight:
             self._done.set()
             _flights.pop(self.call.key, None)
             wakers, self._wakers = self._wakers, []
-        for waker in wakers:
-            waker.get_loop().call_soon_threadsafe(_wake, waker)
+        for waker in wakers:  # each on its own event loop, maybe another thread's or closed
+            with suppress(RuntimeError):
+                waker.get_loop().call_soon_threadsafe(waker.set_result, None)
 
     def wait(self, timeout: float | None) -> Outcome | None:
         """The outcome, or None if it did not come within timeout seconds."""
@@ -164,11 +145,6 @@ class Flight:
                 waker.set_result(None)
         await asyncio.wait({waker}, timeout=timeout)
         return self.outcome
-
-
-def _wake(waker: asyncio.Future[None]) -> None:
-    if not waker.done():
-        waker.set_result(None)
 
 
 _flights: dict[Key, Flight] = {}
@@ -195,11 +171,9 @@ def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, 
         servable = entry is not None and call.rejected is None and entry.servable()
         flight = _flight_for(call)
         outcome = yield flight, (PATIENCE_SECONDS if servable else None)
-        if outcome is None:  # still renewing: serve the valid token meanwhile
-            assert entry is not None
-            entry.retry_at = time.monotonic() + OUTAGE_RETRY_SECONDS
-            current_logger().warning(_messages.serving_while_renewing(call.block_name, entry))
-            return entry.block.get()
+        if outcome is None:  # only a caller with a servable token stops waiting
+            late = TokenBlockError(f"not renewed within {PATIENCE_SECONDS:.0f} s", transient=True)
+            return _failed(call, entry, late)
         if outcome.error is not None:
             return _failed(call, entry, outcome.error)
     entry = _cached(call)
@@ -220,7 +194,9 @@ def _use(call: Call, entry: Entry, action: Action) -> str | None:
         return None
     if action is Action.USE_JUST_MADE and not entry.warned:
         entry.warned = True
-        current_logger().warning(_messages.just_made(call.block_name, entry.block, call.min_valid))
+        current_logger().warning(
+            _messages.within_min_valid(call.block_name, entry.block, call.min_valid)
+        )
     return entry.block.get()
 
 
@@ -288,7 +264,7 @@ def _renew(call: Call) -> Outcome:
             if decide(block, call) is not Action.RENEW:
                 return Outcome(block)
             if time.monotonic() >= deadline:
-                late = _messages.waited_too_long(call.block_name, bound, call.mode)
+                late = _messages.waited_too_long(call.block_name, bound)
                 return Outcome(error=TokenBlockError(late, transient=True))
 
 
@@ -302,7 +278,7 @@ def _renew_holding_lease(call: Call) -> Outcome:
         _announce_failure(call, exc)
         return Outcome(error=exc)
     if block.expires_within(call.min_valid):
-        current_logger().warning(_messages.short_lived(call.block_name, block, call.min_valid))
+        current_logger().warning(_messages.within_min_valid(call.block_name, block, call.min_valid))
     return Outcome(block, minted=True)
 
 
@@ -320,7 +296,8 @@ def _mint(call: Call) -> CarbonMapperStacToken:
         if block is not None and decide(block, call) is not Action.RENEW:
             return block
         raise failure or TokenBlockError(_messages.still_stale(call.block_name, call.min_valid))
-    current_logger().info(_messages.renewing_inline(call.block_name))
+    renewing = "The STAC token in block %r is missing or about to expire: getting a new one."
+    current_logger().info(renewing, call.block_name)
     block = run_refresh(resolve_request(settings, token_block=call.block_name), settings)
     _token_cache.count(refreshes=1)
     return block

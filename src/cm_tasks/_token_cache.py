@@ -37,15 +37,9 @@ class Entry:
         return self.retry_at > time.monotonic() and self.servable()
 
 
-@dataclass
-class _Counters:
-    block_reads: int = 0
-    refreshes: int = 0
-
-
 _entries: dict[Key, Entry] = {}
 _cooling: dict[Key, tuple[float, Exception]] = {}  # monotonic end of a cool-down, and why
-_counters = _Counters()
+_counters = {"block_reads": 0, "refreshes": 0}
 _guard = threading.Lock()
 
 
@@ -78,7 +72,7 @@ def token_cache_info() -> TokenCacheInfo:
     """
     with _guard:
         names = tuple(sorted({name for _, name in _entries}))
-        return TokenCacheInfo(_counters.block_reads, _counters.refreshes, names)
+        return TokenCacheInfo(_counters["block_reads"], _counters["refreshes"], names)
 
 
 def clear_token_cache(block_name: str | None = None) -> None:
@@ -101,9 +95,8 @@ def clear_token_cache(block_name: str | None = None) -> None:
                 del store[key]
 
 
-def get(key: Key) -> Entry | None:
-    """The cached entry of key, if any."""
-    return _entries.get(key)
+get = _entries.get
+"""The cached entry of a key, if any."""
 
 
 def put(key: Key, entry: Entry) -> None:
@@ -128,8 +121,8 @@ def cooling(key: Key) -> Exception | None:
 def count(*, reads: int = 0, refreshes: int = 0) -> None:
     """Add to the counters of `token_cache_info`."""
     with _guard:
-        _counters.block_reads += reads
-        _counters.refreshes += refreshes
+        _counters["block_reads"] += reads
+        _counters["refreshes"] += refreshes
 
 
 def _reset_after_fork() -> None:

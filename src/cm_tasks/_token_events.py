@@ -39,16 +39,7 @@ class Heard:
 
 
 class Listener:
-    """The events of one resource, heard in a background thread until `close()`.
-
-    Example:
-        ```python
-        from cm_tasks._token_events import Listener
-
-        with Listener("carbon-mapper.stac-token.carbon-mapper-stac-token") as events:
-            heard = events.next(timeout=30.0)  # None after 30 s of silence
-        ```
-    """
+    """The events of one resource, heard in a background thread while the `with` lasts."""
 
     def __init__(self, resource_id: str, *, name_prefix: str | None = None) -> None:
         self._filter = EventFilter(

@@ -1,18 +1,9 @@
 """`get_stac_token()`: the STAC token for downstream code, cached per process, renewed on demand.
 
-1. A token cached in this process that stays valid for `min_valid` is returned at once (a dict
-   look-up: no Prefect call, no lock).
-2. Otherwise the block is read again, and renewed if it must be, the way the refresh mode says
-   (`CM_REFRESH_MODE` or `refresh=`): `inline` (made here with the package's tasks, from the
-   credential Secret blocks), `deployment` (a run of the refresh deployment, on a worker that
-   has the credentials) or `off` (an error that says where to refresh).
-
-How a renewal is decided and shared - one per block at a time across threads, event loops and
-processes, outcomes heard on Prefect's events stream rather than by polling, a valid cached
-token served through outages, a 401 renewed once per token - is `cm_tasks._renewal`; the cache
-is `cm_tasks._token_cache`. Every token is bound to its API: a block that holds a token for
-another API than the caller's (`CM_BASE_URL`, or the `base_url` of `CarbonMapperAuth`) is a
-`ConfigurationError` that names both, and is never overwritten by a renewal.
+A token cached in this process that stays valid for `min_valid` is returned at once (no
+Prefect call, no lock); otherwise `cm_tasks._renewal` re-reads the block and renews it the way
+the refresh mode says (`inline`, `deployment`, `off`). A token is only returned for the API
+its block names: another API's block is a `ConfigurationError` naming both URLs.
 """
 
 from __future__ import annotations
@@ -112,7 +103,7 @@ def get_stac_token(
             download.map(hrefs).wait()
         ```
     """
-    token = token_for_api(block_name, min_valid, None, refresh)
+    token = run_steps(token_steps(block_name, min_valid, None, refresh))
     assert token is not None  # only a renewal after a 401 gives up
     return token
 
@@ -141,58 +132,48 @@ async def aget_stac_token(
         asyncio.run(main())
         ```
     """
-    token = await atoken_for_api(block_name, min_valid, None, refresh)
+    token = await arun_steps(token_steps(block_name, min_valid, None, refresh))
     assert token is not None
     return token
 
 
-def token_for_api(
-    block_name: str | None,
-    min_valid: timedelta,
-    base_url: str | None,
-    refresh: RefreshMode | None = None,
-    rejected: str | None = None,
-) -> str | None:
-    """The token for the API of base_url (default `CM_BASE_URL`), e.g. an auth's.
+def run_steps(steps: _Steps) -> str | None:
+    """Drive `token_steps` in this thread: the answer, once every flight it waits for is over."""
+    outcome = None
+    while isinstance(step := _advance(steps, outcome), tuple):
+        outcome = step[0].wait(step[1])
+    return step
 
-    With `rejected` (a token the API answered 401 to): the token to send instead, or None
-    when the 401 goes back to the caller (see `cm_tasks._renewal`).
-    """
-    steps = _steps(block_name, min_valid, base_url, refresh, rejected)
+
+async def arun_steps(steps: _Steps) -> str | None:
+    """Drive `token_steps` on an event loop: waiting for a renewal holds no thread."""
+    outcome = None
+    while isinstance(step := _advance(steps, outcome), tuple):
+        outcome = await step[0].await_outcome(step[1])
+    return step
+
+
+def _advance(steps: _Steps, outcome: Outcome | None) -> tuple[Flight, float | None] | str | None:
+    """The next flight to wait for (with how long), or the answer once the steps are done."""
     try:
-        flight, patience = next(steps)
-        while True:
-            flight, patience = steps.send(flight.wait(patience))
-    except StopIteration as done:
-        token: str | None = done.value
-        return token
+        return steps.send(outcome)
+    except StopIteration as done:  # the generator protocol: how a generator returns
+        answer: str | None = done.value
+        return answer
 
 
-async def atoken_for_api(
-    block_name: str | None,
-    min_valid: timedelta,
-    base_url: str | None,
-    refresh: RefreshMode | None = None,
-    rejected: str | None = None,
-) -> str | None:
-    """`token_for_api` for async code: waits for a renewal without holding a thread."""
-    steps = _steps(block_name, min_valid, base_url, refresh, rejected)
-    try:
-        flight, patience = next(steps)
-        while True:
-            flight, patience = steps.send(await flight.await_outcome(patience))
-    except StopIteration as done:
-        token: str | None = done.value
-        return token
-
-
-def _steps(
+def token_steps(
     block_name: str | None,
     min_valid: timedelta,
     base_url: str | None,
     refresh: str | None,
-    rejected: str | None,
+    rejected: str | None = None,
 ) -> _Steps:
+    """The token for the API of base_url (default `CM_BASE_URL`), as steps to drive.
+
+    With `rejected` (a token the API answered 401 to): the token to send instead, or None
+    when the 401 goes back to the caller (see `cm_tasks._renewal`).
+    """
     mode = check_refresh(refresh)  # before any call
     settings = load_settings()
     name = settings.token_block if block_name is None else _check_block_name(block_name)

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from cm_tasks.access import DEFAULT_MIN_VALID, atoken_for_api, check_refresh, token_for_api
+from cm_tasks.access import DEFAULT_MIN_VALID, arun_steps, check_refresh, run_steps, token_steps
 from cm_tasks.client import USER_AGENT
 from cm_tasks.settings import RefreshMode, load_settings
 
@@ -85,6 +85,9 @@ class CarbonMapperAuth(httpx.Auth):
         # nothing about our token (which that host never got).
         return response.status_code == 401 and self._ours(response.request)
 
+    def _steps(self, rejected: str | None = None) -> Any:
+        return token_steps(self.block_name, self.min_valid, self._base_url, self.refresh, rejected)
+
     @staticmethod
     def _with_token(request: httpx.Request, token: str) -> httpx.Request:
         request.headers["Authorization"] = f"Bearer {token}"
@@ -97,13 +100,11 @@ class CarbonMapperAuth(httpx.Auth):
         if not self._ours(request):
             yield request
             return
-        token = token_for_api(self.block_name, self.min_valid, self._base_url, self.refresh)
+        token = run_steps(self._steps())
         assert token is not None  # only a renewal after a 401 gives up
         response = yield self._with_token(request, token)
         if self._rejected_by_api(response):
-            renewed = token_for_api(
-                self.block_name, self.min_valid, self._base_url, self.refresh, rejected=token
-            )
+            renewed = run_steps(self._steps(rejected=token))
             if renewed is not None:
                 yield self._with_token(request, renewed)
 
@@ -114,13 +115,11 @@ class CarbonMapperAuth(httpx.Auth):
         if not self._ours(request):
             yield request
             return
-        token = await atoken_for_api(self.block_name, self.min_valid, self._base_url, self.refresh)
+        token = await arun_steps(self._steps())
         assert token is not None  # only a renewal after a 401 gives up
         response = yield self._with_token(request, token)
         if self._rejected_by_api(response):
-            renewed = await atoken_for_api(
-                self.block_name, self.min_valid, self._base_url, self.refresh, rejected=token
-            )
+            renewed = await arun_steps(self._steps(rejected=token))
             if renewed is not None:
                 yield self._with_token(request, renewed)
 

@@ -19,7 +19,8 @@ from cm_tasks.access import (
     DEFAULT_MIN_VALID,
     check_refresh,
     get_stac_token,
-    token_for_api,
+    run_steps,
+    token_steps,
 )
 from cm_tasks.settings import RefreshMode, load_settings
 
@@ -76,7 +77,8 @@ class TokenAdapter(HTTPAdapter):
         response = self._send(signed, **kwargs)
         if response.status_code != 401:
             return response
-        renewed = token_for_api(self.block_name, self.min_valid, None, self.refresh, rejected=token)
+        steps = token_steps(self.block_name, self.min_valid, None, self.refresh, token)
+        renewed = run_steps(steps)
         if renewed is None:  # this token was already renewed once: the 401 is not about it
             return response
         response.close()

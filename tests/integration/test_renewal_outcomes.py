@@ -6,6 +6,7 @@ code before the renewal was rebuilt (`cm_tasks._renewal`).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import threading
@@ -25,7 +26,6 @@ from cm_tasks import (
     get_stac_token,
     stac_http_client,
 )
-from cm_tasks._refresh_lease import try_lease
 from cm_tasks.notify import publish_refreshed
 from cm_tasks.testing import CarbonMapperEmulator, Fault
 
@@ -40,12 +40,15 @@ def _asset(emu: CarbonMapperEmulator) -> str:
 
 
 def test_a_create_stac_that_may_have_made_a_token_is_every_waiters_outcome_and_cools_down(
-    credentials: CarbonMapperEmulator,
+    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Case 2: a 200 of another shape (the token nested under `data`): the token exists but
     # cannot be read. Before, each of the 8 waiters made its own create-stac.
     emu = credentials
-    delete_token_block()
+    # A block of its own: its renewal-failed event cools the block down for other processes
+    # (and other tests) for a minute.
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "cooling-down-token")
+    delete_token_block("cooling-down-token")
     clear_token_cache()
     emu.fail(CREATE_STAC, Fault.status(200, body={"data": {"token": "x"}}, times=100))
 
@@ -72,6 +75,7 @@ def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_pol
     # The fleet's cost: a waiter used to ask for the lease about once a second until the
     # holder was done. Now it asks once, then listens; the save's event wakes it.
     from cm_tasks import _compat
+    from cm_tasks._refresh_lease import try_lease
 
     emu = credentials
     save_token(emu, mint(emu), timedelta(minutes=20))  # within min_valid (1 h): stale
@@ -95,7 +99,9 @@ def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_pol
     holder = threading.Thread(target=contextvars.copy_context().run, args=(another_process_renews,))
     holder.start()
     assert held.wait(60)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as cleanup:
+        cleanup.callback(holder.join, 60)
+        cleanup.callback(release.set)
         waiting = pool.submit(contextvars.copy_context().run, get_stac_token)
         deadline = time.monotonic() + 60
         while len(tries) < 2 and time.monotonic() < deadline:  # the holder's, then the waiter's
@@ -107,8 +113,6 @@ def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_pol
         publish_refreshed(renewed, "carbon-mapper-stac-token")
         token = waiting.result(timeout=60)
         got_it_after = time.monotonic() - saved_at
-    release.set()
-    holder.join(60)
     assert token == renewed.get()
     assert got_it_after < 2.0
     assert len(tries) == 2  # the waiter asked for the lease once
@@ -175,19 +179,21 @@ def test_a_prefect_api_hanging_on_concurrency_calls_serves_the_cached_token(
 ) -> None:
     # Case 7: the lease call hangs; a valid cached token (within min_valid) is served within
     # the patience bound instead of after minutes.
-    from cm_tasks import _compat
+    from prefect.client.orchestration import SyncPrefectClient
 
     emu = credentials
-    cached = save_token(emu, mint(emu), timedelta(minutes=50))
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "hanging-token")
+    cached = save_token(emu, mint(emu), timedelta(minutes=50), "hanging-token")
     clear_token_cache()
     assert get_stac_token(min_valid=timedelta(minutes=10)) == cached.get()
     hang = threading.Event()
 
     def hanging(*args: Any, **kwargs: Any) -> Any:
-        hang.wait(120)
+        hang.wait(60)
         raise TimeoutError
 
-    monkeypatch.setattr(_compat, "take_slot", hanging)
+    for method in ("increment_concurrency_slots_with_lease", "increment_concurrency_slots"):
+        monkeypatch.setattr(SyncPrefectClient, method, hanging, raising=False)
     caplog.set_level(logging.WARNING)
     started = time.monotonic()
     try:
@@ -196,3 +202,31 @@ def test_a_prefect_api_hanging_on_concurrency_calls_serves_the_cached_token(
         hang.set()
     assert time.monotonic() - started < 20
     assert "Using the cached token" in caplog.text
+
+
+def test_a_refresh_deployment_nobody_serves_does_not_hold_a_valid_cached_token(
+    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Case 5: in deployment mode a valid cached token is served while the refresh deployment
+    # is down, as inline mode does while the platform is: after at most 10 s, not after
+    # CM_REFRESH_TIMEOUT (300 s) and not as an error.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    emu = credentials
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_work_pool(WorkPoolCreate(name="nobody-serves", type="process"))
+        flow_id = client.create_flow_from_name("refresh-stac-token")
+        client.create_deployment(flow_id, "unserved", work_pool_name="nobody-serves")
+    monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/unserved")
+    # A block of its own: the renewal goes on in the background after the test (up to 300 s).
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "unserved-token")
+    cached = save_token(emu, mint(emu), timedelta(minutes=50), "unserved-token")
+    clear_token_cache()
+    assert get_stac_token(min_valid=timedelta(minutes=10), refresh="deployment") == cached.get()
+    started = time.monotonic()
+    assert get_stac_token(refresh="deployment") == cached.get()
+    assert time.monotonic() - started < 30
+    assert emu.requests(CREATE_STAC) == 0
