@@ -230,3 +230,40 @@ def test_a_refresh_deployment_nobody_serves_does_not_hold_a_valid_cached_token(
     assert get_stac_token(refresh="deployment") == cached.get()
     assert time.monotonic() - started < 30
     assert emu.requests(CREATE_STAC) == 0
+
+
+def test_a_refresh_run_running_longer_than_a_refresh_can_take_is_crashed_not_joined(
+    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Case 4: a worker SIGKILLed mid-refresh leaves its run Running; every caller joined it
+    # until it timed out, and nothing ever started a new run.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.states import Running
+
+    from cm_tasks import RefreshTimeoutError, _deployment_refresh
+
+    emu = credentials
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_work_pool(WorkPoolCreate(name="dead-worker", type="process"))
+        flow_id = client.create_flow_from_name("refresh-stac-token")
+        deployment_id = client.create_deployment(flow_id, "dead", work_pool_name="dead-worker")
+        dead = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"token_block": "dead-run-token"}
+        )
+        client.set_flow_run_state(dead.id, Running(), force=True)
+    # Every Running run has now run "longer than a refresh can take".
+    monkeypatch.setattr(_deployment_refresh, "refresh_time_bound", lambda _: 0.0, raising=False)
+    monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/dead")
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "dead-run-token")
+    monkeypatch.setenv("CM_REFRESH_TIMEOUT", "3")
+    delete_token_block("dead-run-token")
+    clear_token_cache()
+    with pytest.raises(RefreshTimeoutError) as caught:  # nobody serves the new run either
+        get_stac_token(refresh="deployment")
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(dead.id).state_type.value == "CRASHED"
+        assert caught.value.flow_run_id != str(dead.id)  # a new run, not the dead one
+    assert emu.requests(CREATE_STAC) == 0
