@@ -59,7 +59,9 @@ def test_a_create_stac_that_may_have_made_a_token_is_every_waiters_outcome_and_c
             return type(exc).__name__
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        outcomes = list(pool.map(lambda _: contextvars.copy_context().run(call), range(8)))
+        # Each caller in a copy of this thread's context (it points Prefect at the test API).
+        contexts = [contextvars.copy_context() for _ in range(8)]
+        outcomes = list(pool.map(lambda context: context.run(call), contexts))
 
     assert outcomes == ["UnexpectedResponseError"] * 8
     assert emu.requests(CREATE_STAC) == 1
