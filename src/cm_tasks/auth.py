@@ -6,10 +6,9 @@ asset link to another host never leaks it; and the token must belong to that API
 block's `base_url`), or a `ConfigurationError` names both URLs before anything is sent.
 
 When a request comes back 401 from the API's own origin (not from another host a redirect led
-to), the token is renewed at most once (see `cm_tasks.access.renew_rejected_token`): a token
-that another request already replaced is swapped in without any I/O; a token created minutes
-ago is not renewed and the 401 goes back to the caller; otherwise the block is re-read or
-refreshed and the request sent once more.
+to), the token is renewed once and the request sent once more (see `cm_tasks._renewal`): a
+token that another request already replaced is swapped in without any I/O; a 401 on a token
+that a renewal after a 401 gave - or any 401 in refresh mode `off` - goes back to the caller.
 """
 
 from __future__ import annotations
@@ -21,14 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from cm_tasks.access import (
-    DEFAULT_MIN_VALID,
-    arenew_rejected_token,
-    atoken_for_api,
-    check_refresh,
-    renew_rejected_token,
-    token_for_api,
-)
+from cm_tasks.access import DEFAULT_MIN_VALID, arun_steps, check_refresh, run_steps, token_steps
 from cm_tasks.client import USER_AGENT
 from cm_tasks.settings import RefreshMode, load_settings
 
@@ -45,7 +37,7 @@ class CarbonMapperAuth(httpx.Auth):
     Works with `httpx.Client` and `httpx.AsyncClient` (the async flow never blocks the event
     loop). The token is sent only to the scheme, host and port of the API base URL, and only
     if the token block holds a token for that API. A 401 renews the token only when it comes
-    from the API itself and the token was not created moments ago; otherwise the 401 response
+    from the API itself and the token was not already renewed once; otherwise the 401 response
     is returned as it is.
 
     Args:
@@ -93,6 +85,9 @@ class CarbonMapperAuth(httpx.Auth):
         # nothing about our token (which that host never got).
         return response.status_code == 401 and self._ours(response.request)
 
+    def _steps(self, rejected: str | None = None) -> Any:
+        return token_steps(self.block_name, self.min_valid, self._base_url, self.refresh, rejected)
+
     @staticmethod
     def _with_token(request: httpx.Request, token: str) -> httpx.Request:
         request.headers["Authorization"] = f"Bearer {token}"
@@ -105,12 +100,11 @@ class CarbonMapperAuth(httpx.Auth):
         if not self._ours(request):
             yield request
             return
-        token = token_for_api(self.block_name, self.min_valid, self._base_url, self.refresh)
+        token = run_steps(self._steps())
+        assert token is not None  # only a renewal after a 401 gives up
         response = yield self._with_token(request, token)
         if self._rejected_by_api(response):
-            renewed = renew_rejected_token(
-                self.block_name, token, self.min_valid, self._base_url, self.refresh
-            )
+            renewed = run_steps(self._steps(rejected=token))
             if renewed is not None:
                 yield self._with_token(request, renewed)
 
@@ -121,12 +115,11 @@ class CarbonMapperAuth(httpx.Auth):
         if not self._ours(request):
             yield request
             return
-        token = await atoken_for_api(self.block_name, self.min_valid, self._base_url, self.refresh)
+        token = await arun_steps(self._steps())
+        assert token is not None  # only a renewal after a 401 gives up
         response = yield self._with_token(request, token)
         if self._rejected_by_api(response):
-            renewed = await arenew_rejected_token(
-                self.block_name, token, self.min_valid, self._base_url, self.refresh
-            )
+            renewed = await arun_steps(self._steps(rejected=token))
             if renewed is not None:
                 yield self._with_token(request, renewed)
 

@@ -6,8 +6,8 @@ never imports this module, so the package works without pystac-client.
 The token is added when each request is *sent*, by a `requests` transport adapter mounted on
 the API base URL only: pystac-client's debug log of request headers never shows it, other
 hosts never receive it, a long-lived catalog picks up a refreshed token, and a 401 makes the
-adapter renew the token at most once and resend (a token created moments ago is not renewed:
-the 401 is returned).
+adapter renew the token at most once and resend (a token that a renewal after a 401 gave is
+not renewed again: the 401 is returned).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from cm_tasks.access import (
     DEFAULT_MIN_VALID,
     check_refresh,
     get_stac_token,
-    renew_rejected_token,
+    run_steps,
+    token_steps,
 )
 from cm_tasks.settings import RefreshMode, load_settings
 
@@ -76,8 +77,9 @@ class TokenAdapter(HTTPAdapter):
         response = self._send(signed, **kwargs)
         if response.status_code != 401:
             return response
-        renewed = renew_rejected_token(self.block_name, token, self.min_valid, refresh=self.refresh)
-        if renewed is None:  # a token made moments ago: the 401 is not the token's fault
+        steps = token_steps(self.block_name, self.min_valid, None, self.refresh, token)
+        renewed = run_steps(steps)
+        if renewed is None:  # this token was already renewed once: the 401 is not about it
             return response
         response.close()
         token = renewed

@@ -619,7 +619,7 @@ def test_a_401_renews_through_the_deployment_once(
     assert_no_leak(collect_secrets(emulator, extra=account), api=True)
 
 
-def test_a_run_cancelled_by_the_concurrency_limit_waits_for_the_running_one(
+def test_a_quick_run_already_running_is_joined_not_doubled(
     on_server: PrefectServer,
     emulator: CarbonMapperEmulator,
     deployments: dict[str, str],
@@ -639,10 +639,10 @@ def test_a_run_cancelled_by_the_concurrency_limit_waits_for_the_running_one(
 
     runs = {r["id"]: r for r in _runs(on_server, deployments[WEEKLY], since)}
     assert runs[scheduled["id"]]["state_type"] == "COMPLETED"
+    # Issue 16 case 9: the Quick run's defaults renew this block, so it is joined; before,
+    # a run of our own was started (and cancelled by the deployment's limit).
     ours = [r for i, r in runs.items() if i != scheduled["id"]]
-    assert [(r["state_type"], r["parameters"]) for r in ours] == [
-        ("CANCELLED", {"token_block": TOKEN_BLOCK})
-    ]
+    assert ours == []
     assert emulator.requests(CREATE_STAC) - creates == 1
     assert token == stored_token() == emulator.issued_stac_tokens[-1]
 
@@ -670,13 +670,21 @@ def test_a_cancelled_run_whose_running_one_already_finished_uses_its_token(
     monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/cancel-race")
     _stale_token(emulator)
     fresh = mint(emulator)
-    scheduled = _api(on_server, "POST", f"deployments/{race_id}/create_flow_run", {})
+    # A run for another block holds the slot (one for this block would be joined instead).
+    other_block = {"parameters": {"token_block": "another-stac-token"}}
+    scheduled = _api(on_server, "POST", f"deployments/{race_id}/create_flow_run", other_block)
     _api(on_server, "POST", f"flow_runs/{scheduled['id']}/set_state", _state("RUNNING"))
     since = datetime.now(timezone.utc)
 
     def the_schedule_finishes_then_the_limit_cancels_ours() -> None:
         deadline = time.monotonic() + 60
-        while not (ours := [r for r in _runs(on_server, str(race_id), since) if r["parameters"]]):
+        while not (
+            ours := [
+                r
+                for r in _runs(on_server, str(race_id), since)
+                if r["parameters"].get("token_block") == TOKEN_BLOCK
+            ]
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         save_token(emulator, fresh, timedelta(days=13))
@@ -753,7 +761,10 @@ def test_refresh_timeout_errors_are_refresh_run_errors() -> None:
 def test_prefect_api_failures_while_following_the_run_say_what_to_fix() -> None:
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from cm_tasks._deployment_refresh import _call
+    from cm_tasks._prefect_calls import call_prefect
+
+    def _call(_settings: object, fn: Any, *args: Any) -> None:
+        call_prefect("run the refresh deployment", fn, *args)
 
     settings = load_settings()
 
@@ -766,14 +777,14 @@ def test_prefect_api_failures_while_following_the_run_say_what_to_fix() -> None:
     def unreachable() -> None:
         raise httpx.ConnectError("connection refused")
 
-    with pytest.raises(RefreshRunError, match=r"refused \(403\).*create and read") as forbidden:
+    with pytest.raises(TokenBlockError, match=r"403 from the Prefect API.*may use it") as forbidden:
         _call(settings, refused, 403)
     assert not forbidden.value.transient
     assert forbidden.value.__context__ is None  # the Prefect error (its request) is not kept
-    with pytest.raises(RefreshRunError, match="503 from the Prefect API") as busy:
+    with pytest.raises(TokenBlockError, match="503 from the Prefect API") as busy:
         _call(settings, refused, 503)
     assert busy.value.transient
-    with pytest.raises(RefreshRunError, match="ConnectError from the Prefect API") as down:
+    with pytest.raises(TokenBlockError, match="ConnectError from the Prefect API") as down:
         _call(settings, unreachable)
     assert down.value.transient
     assert down.value.__context__ is None

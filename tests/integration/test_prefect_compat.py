@@ -17,8 +17,8 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.utilities.callables import parameter_schema
 
-from cm_tasks import TokenBlockError, _refresh_lease, refresh_stac_token
-from cm_tasks._refresh_lease import lease_name, prefect_has_leases, refresh_lease
+from cm_tasks import TokenBlockError, _compat, _refresh_lease, refresh_stac_token
+from cm_tasks._refresh_lease import lease_name, prefect_has_leases, try_lease
 from cm_tasks.watchdog import check_stac_token
 
 
@@ -48,18 +48,16 @@ def test_leases_are_used_only_where_prefect_has_them() -> None:
     assert prefect_has_leases() == (Version(prefect.__version__) >= Version("3.4"))
 
 
-def test_one_lease_holder_at_a_time_on_every_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The single-refresh guarantee, with or without leases: while one holder has the slot,
-    # another acquisition waits and times out; once released, the next one gets it.
-    monkeypatch.setattr(_refresh_lease, "LEASE_MARGIN_SECONDS", 0.0)
-    monkeypatch.setenv("CM_TIMEOUT", "0.5")
-    monkeypatch.setenv("CM_MAX_ATTEMPTS", "1")  # the wait: 2 calls x 3 x 0.5 s = 3 s
+def test_one_lease_holder_at_a_time_on_every_version() -> None:
+    # The single-renewal guarantee, with or without leases: while one holder has the slot,
+    # another try finds it held (once: nobody polls); once released, the next one gets it.
     block = "compat-lease-test"
     held = threading.Event()
     release = threading.Event()
 
     def hold() -> None:
-        with refresh_lease(block):
+        with try_lease(block, 60) as mine:
+            assert mine
             held.set()
             release.wait(30)
 
@@ -67,16 +65,13 @@ def test_one_lease_holder_at_a_time_on_every_version(monkeypatch: pytest.MonkeyP
     holder.start()
     try:
         assert held.wait(60)
-        with pytest.raises(TokenBlockError, match="Waited 3 s") as caught, refresh_lease(block):
-            pass
-        # Without leases, waiting longer cannot help: the error says how to free the slot.
-        freeing = f"prefect gcl update {lease_name(block)} --active-slots 0"
-        assert (freeing in str(caught.value)) != prefect_has_leases()
+        with try_lease(block, 60) as mine:
+            assert not mine
     finally:
         release.set()
         holder.join(60)
-    with refresh_lease(block):
-        pass
+    with try_lease(block, 60) as mine:
+        assert mine
 
 
 def _busy(status: int = 500) -> PrefectHTTPStatusError:
@@ -112,75 +107,60 @@ INCREMENT = (
 
 
 @pytest.fixture
-def short_lease_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lease wait of 3 s, and no real pauses between attempts after a busy answer."""
-    monkeypatch.setattr(_refresh_lease, "LEASE_MARGIN_SECONDS", 0.0)
-    monkeypatch.setattr(_refresh_lease, "BUSY_WAITS", (0.0, 0.0, 0.0))
-    monkeypatch.setattr(_refresh_lease, "RELEASE_WAITS", (0.0, 0.0, 0.0, 0.0, 0.0))
-    monkeypatch.setenv("CM_TIMEOUT", "0.5")
-    monkeypatch.setenv("CM_MAX_ATTEMPTS", "1")
+def no_release_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No real pauses between attempts to give a slot back."""
+    monkeypatch.setattr(_refresh_lease, "RELEASE_WAITS", (0.0, 0.0, 0.0, 0.0))
 
 
 def test_a_slot_the_busy_api_refuses_to_take_back_at_first_is_given_back(
-    monkeypatch: pytest.MonkeyPatch, short_lease_wait: None
+    monkeypatch: pytest.MonkeyPatch, no_release_pauses: None
 ) -> None:
     # Seen on Prefect 3.2.15 with SQLite under 50 runs at once: the release answered 500
     # "database is locked", and with no lease to lapse the slot stayed taken for good.
     block = "compat-release-retried"
     calls = _fail_first(monkeypatch, RELEASE, times=2)
-    with refresh_lease(block):
-        pass
+    with try_lease(block, 60) as mine:
+        assert mine
     assert len(calls) == 3
     monkeypatch.undo()
-    with refresh_lease(block, wait_seconds=3):  # free: not the 3 s wait and a TokenBlockError
-        pass
+    with try_lease(block, 60) as mine:  # free again
+        assert mine
 
 
 def test_a_slot_that_cannot_be_given_back_says_what_happens_next(
-    monkeypatch: pytest.MonkeyPatch, short_lease_wait: None, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, no_release_pauses: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     block = "compat-release-failed"
     _fail_first(monkeypatch, RELEASE, times=None)
-    with caplog.at_level(logging.WARNING, logger="cm_tasks"), refresh_lease(block):
+    with caplog.at_level(logging.WARNING, logger="cm_tasks"), try_lease(block, 60):
         pass
-    if prefect_has_leases():
-        assert "it lapses by itself" in caplog.text
-    else:
-        assert f"prefect gcl update {lease_name(block)} --active-slots 0" in caplog.text
+    assert "it lapses by itself" in caplog.text
+    assert f"prefect gcl update {lease_name(block)} --active-slots 0" in caplog.text
     monkeypatch.undo()
     with get_client(sync_client=True) as client:  # the slot may still be taken: remove it
         client.delete_global_concurrency_limit_by_name(lease_name(block))
 
 
-def test_a_busy_prefect_api_is_asked_again_for_the_lease(
-    monkeypatch: pytest.MonkeyPatch, short_lease_wait: None
-) -> None:
-    calls = _fail_first(monkeypatch, INCREMENT, times=2)
-    with refresh_lease("compat-acquire-retried"):
-        pass
-    assert len(calls) == 3
-
-
 def test_a_prefect_api_that_stays_busy_is_a_transient_token_block_error(
-    monkeypatch: pytest.MonkeyPatch, short_lease_wait: None
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls = _fail_first(monkeypatch, INCREMENT, times=None)
+    _fail_first(monkeypatch, INCREMENT, times=None)
     with (
         pytest.raises(TokenBlockError, match="HTTPStatusError 500") as caught,
-        refresh_lease("compat-acquire-failed"),
+        try_lease("compat-acquire-failed", 60),
     ):
         pass
     assert caught.value.transient
-    assert len(calls) == 1 + len(_refresh_lease.BUSY_WAITS)
+    assert caught.value.__context__ is None  # the Prefect error (its request) is not kept
 
 
 def test_a_server_without_leases_under_a_newer_client_gets_a_plain_slot(
-    monkeypatch: pytest.MonkeyPatch, short_lease_wait: None
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A Prefect 3.4+ client against a 3.2 server: increment-with-lease answers 405 there (404
     # was all that was handled), and every inline refresh failed. Unsupported skew (README),
-    # but it must still refresh once at a time.
-    monkeypatch.setattr(_refresh_lease, "_no_leases", set())  # this test's finding only
+    # but it must still renew once at a time.
+    monkeypatch.setattr(_compat, "_no_leases", set())  # this test's finding only
     request = httpx.Request(
         "POST", "http://127.0.0.1/api/v2/concurrency_limits/increment-with-lease"
     )
@@ -193,14 +173,10 @@ def test_a_server_without_leases_under_a_newer_client_gets_a_plain_slot(
         SyncPrefectClient, "increment_concurrency_slots_with_lease", no_such_route, raising=False
     )
     block = "compat-server-without-leases"
-    with (
-        refresh_lease(block),  # a plain slot, taken after the 405
-        pytest.raises(TokenBlockError, match="Waited 3 s"),
-        refresh_lease(block),  # held above: one at a time still holds
-    ):
-        pass
-    with refresh_lease(block):
-        pass
+    with try_lease(block, 60) as first, try_lease(block, 60) as second:
+        assert (first, second) == (True, False)  # a plain slot after the 405, held once
+    with try_lease(block, 60) as mine:
+        assert mine
 
 
 def test_the_notification_blocks_docs_operate_names_build() -> None:
@@ -225,7 +201,7 @@ def test_a_deployment_refresh_time_out_says_what_to_do_for_the_runs_state(state:
     from prefect.states import Running, Scheduled
 
     from cm_tasks import load_settings
-    from cm_tasks._deployment_refresh import Attempt, _timeout
+    from cm_tasks._deployment_refresh import _timeout
 
     run_state = Running() if state == "Running" else Scheduled()
     run = FlowRun(
@@ -237,16 +213,16 @@ def test_a_deployment_refresh_time_out_says_what_to_do_for_the_runs_state(state:
     )
     deployment = SimpleNamespace(id=uuid4(), work_pool_name="carbon-mapper")
     settings = load_settings()
-    error = _timeout(run, deployment, "team-token", settings, Attempt.start(settings))
+    error = _timeout(run, deployment, settings, "team-token")
 
     message = str(error)
     assert "'stuck-run'" in message
-    if state == "Running":
-        assert f"prefect gcl update deployment:{deployment.id} --active-slots 0" in message
-        assert "stays queued" not in message
+    if state == "Running":  # such a run is crashed by the next caller (issue 16 case 4)
+        assert "marked Crashed by the next caller" in message
+        assert "not picked up" not in message
     else:
         assert "prefect worker start --pool carbon-mapper" in message
-        assert "stays queued" in message
+        assert "not picked up" in message
 
 
 def test_a_deployment_refresh_run_is_created_once_when_prefect_sends_the_post_again(
@@ -255,10 +231,8 @@ def test_a_deployment_refresh_run_is_created_once_when_prefect_sends_the_post_ag
     # Seen once on Prefect 3.2.15 under load: one caller's refresh made two runs, the second
     # cancelled by CANCEL_NEW. Prefect's client sends a POST again after a read time-out; the
     # idempotency key makes the server answer the second with the first run.
-    from types import SimpleNamespace
-
     from cm_tasks import load_settings
-    from cm_tasks._deployment_refresh import Attempt, _Waiter
+    from cm_tasks._deployment_refresh import _Runs
 
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow_from_name("compat-idempotent-refresh")
@@ -272,10 +246,14 @@ def test_a_deployment_refresh_run_is_created_once_when_prefect_sends_the_post_ag
             return real(self, *args, **kwargs)
 
         monkeypatch.setattr(SyncPrefectClient, "create_flow_run_from_deployment", sent_twice)
+        monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "compat-idempotent-refresh/weekly")
         settings = load_settings()
-        waiter = _Waiter(client, settings, "team-token", Attempt.start(settings))
-        waiter.deployment = SimpleNamespace(id=deployment_id)
-        first, second = waiter._start_run(), waiter._start_run()
+
+        def direct(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        runs_of = _Runs(client, direct, settings, "team-token", settings.base_url)
+        first, second = runs_of.start(), runs_of.start()
         runs = client.read_flow_runs()
 
     assert first.id != second.id

@@ -21,12 +21,12 @@ import pytest
 from cm_tasks import (
     CarbonMapperStacToken,
     ConfigurationError,
+    _renewal,
     async_stac_http_client,
     clear_token_cache,
     get_stac_token,
     stac_http_client,
 )
-from cm_tasks import access as access_module
 from cm_tasks.testing import CarbonMapperEmulator, Fault
 from tests.support.leaks import assert_no_leak, collect_secrets
 from tests.support.token_helpers import CREATE_STAC, mint, save_token, stored_token
@@ -70,9 +70,11 @@ def test_401s_for_an_asset_the_account_may_not_read_make_at_most_one_token(
     assert_no_leak(collect_secrets(emu), texts={"log": caplog.text})
 
 
-def test_a_token_made_moments_ago_is_not_renewed_on_a_401(
+def test_a_token_made_moments_ago_is_renewed_once_on_a_401_then_the_401_is_returned(
     carbon_mapper_token_block: CarbonMapperStacToken, carbon_mapper_emulator: CarbonMapperEmulator
 ) -> None:
+    # Issue 16 case 13: renewed once per token, whenever it was made; a 401 on the renewed
+    # token goes back to the caller (an asset the account may not read answers 401 anyway).
     emu = carbon_mapper_emulator  # the fixture's token was made just now
     path = _asset(emu)
     emu.fail(path, Fault.status(401, times=100))
@@ -81,12 +83,12 @@ def test_a_token_made_moments_ago_is_not_renewed_on_a_401(
         statuses = [http.get(path).status_code for _ in range(10)]
 
     assert statuses == [401] * 10
-    assert emu.requests(CREATE_STAC) == 0
-    assert emu.requests(path) == 10
-    assert stored_token() == carbon_mapper_token_block.get()
+    assert emu.requests(CREATE_STAC) == 1
+    assert emu.requests(path) == 11
+    assert stored_token() != carbon_mapper_token_block.get()
 
 
-async def test_the_async_client_does_not_renew_a_token_made_moments_ago(
+async def test_the_async_client_renews_a_token_made_moments_ago_once(
     carbon_mapper_token_block: CarbonMapperStacToken, carbon_mapper_emulator: CarbonMapperEmulator
 ) -> None:
     emu = carbon_mapper_emulator
@@ -97,8 +99,8 @@ async def test_the_async_client_does_not_renew_a_token_made_moments_ago(
         statuses = [(await http.get(path)).status_code for _ in range(5)]
 
     assert statuses == [401] * 5
-    assert emu.requests(CREATE_STAC) == 0
-    assert emu.requests(path) == 5
+    assert emu.requests(CREATE_STAC) == 1
+    assert emu.requests(path) == 6
 
 
 def test_a_401_from_another_host_after_a_redirect_renews_nothing(
@@ -242,16 +244,16 @@ def test_a_fork_while_another_thread_holds_the_lock_leaves_the_child_working(
     reading = threading.Event()
     release = threading.Event()
     parent = os.getpid()
-    real_read = access_module._read_block
+    real_read = _renewal._read
 
-    def slow_read(block_name: str) -> CarbonMapperStacToken | None:
+    def slow_read(call: _renewal.Call) -> CarbonMapperStacToken | None:
         if os.getpid() == parent:
             reading.set()
-            release.wait(30)  # a slow Prefect API: the lock is held meanwhile
-            return real_read(block_name)
-        return block  # the child: no Prefect call, only the lock is under test
+            release.wait(30)  # a slow Prefect API: the renewal is in progress meanwhile
+            return real_read(call)
+        return block  # the child: no Prefect call, only the renewal's state is under test
 
-    monkeypatch.setattr(access_module, "_read_block", slow_read)
+    monkeypatch.setattr(_renewal, "_read", slow_read)
     clear_token_cache()
     holder = threading.Thread(target=get_stac_token)
     holder.start()

@@ -1,0 +1,97 @@
+"""Every difference between the Prefect versions cm-tasks supports (3.2 to 3.9), in one place.
+
+Each shim names the versions that need it: raising the floor deletes code here and nowhere
+else. The rest of the package calls these functions and never tests a version itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
+
+MIN_LEASE_SECONDS = 60.0
+MAX_LEASE_SECONDS = 86400.0
+"""The lease durations a Prefect server accepts (3.4+)."""
+
+_no_leases: set[str | None] = set()  # Prefect APIs found to lack leases (a 3.2 server)
+
+
+def prefect_has_leases() -> bool:
+    """Whether the installed Prefect client has concurrency leases.
+
+    Prefect 3.2-3.3: no. Without them a slot is held until released, so a holder killed while
+    holding it keeps it until an operator frees it (`prefect gcl update NAME --active-slots 0`).
+    """
+    return "lease_duration" in inspect.signature(concurrency).parameters
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One taken slot of a global concurrency limit: its lease, or (no leases) its name."""
+
+    name: str
+    lease_id: Any  # None on a Prefect without leases
+
+
+def take_slot(
+    client: SyncPrefectClient, api: str | None, name: str, duration: float
+) -> Slot | None:
+    """Try once to take the single slot of limit `name` (made if missing); None if held."""
+    duration = min(max(duration, MIN_LEASE_SECONDS), MAX_LEASE_SECONDS)
+    for _ in range(2):
+        try:
+            taken, lease_id = _increment(client, api, name, duration)
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code == 423:
+                return None
+            raise
+        if taken:
+            return Slot(name, lease_id)
+        # No limit of that name yet (or deleted, or a database reset): make it, try again.
+        _create_limit(client, name)
+    raise LookupError(name)
+
+
+def _increment(
+    client: SyncPrefectClient, api: str | None, name: str, duration: float
+) -> tuple[bool, Any]:
+    if prefect_has_leases() and api not in _no_leases:
+        try:
+            response = client.increment_concurrency_slots_with_lease(
+                names=[name], slots=1, mode="concurrency", lease_duration=duration
+            )
+        except PrefectHTTPStatusError as exc:
+            # Prefect 3.2-3.3 server under a 3.4+ client: 405 (or 404) on the lease endpoint.
+            if exc.response.status_code not in (404, 405):
+                raise
+            _no_leases.add(api)
+        else:
+            data = response.json()
+            return bool(data.get("limits")), data.get("lease_id")
+    # Prefect 3.2-3.3: a plain slot, held until released.
+    response = client.increment_concurrency_slots(names=[name], slots=1, mode="concurrency")
+    return bool(response.json()), None
+
+
+def _create_limit(client: SyncPrefectClient, name: str) -> None:
+    try:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    except ObjectAlreadyExists:
+        pass
+    except PrefectHTTPStatusError as exc:
+        if exc.response.status_code != 409:  # Prefect 3.2 does not map 409 to ObjectAlreadyExists
+            raise
+
+
+def release_slot(client: SyncPrefectClient, slot: Slot, held_seconds: float) -> None:
+    """Give the slot back (by its lease, or, on Prefect 3.2-3.3, by name)."""
+    if slot.lease_id is not None:
+        client.release_concurrency_slots_with_lease(slot.lease_id)
+    else:
+        client.release_concurrency_slots(names=[slot.name], slots=1, occupancy_seconds=held_seconds)

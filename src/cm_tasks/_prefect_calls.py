@@ -1,0 +1,74 @@
+"""Prefect API calls of the renewal: each bounded in time, each failure a typed error.
+
+Inside `bounded_calls` a request gets at most `CALL_SECONDS` and two retries (not Prefect's
+default 6 x 60 s), and a failure becomes a `TokenBlockError` that names what was being done,
+never the Prefect error itself (which can carry a request).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import httpx
+from prefect.exceptions import PrefectHTTPStatusError
+from prefect.settings import (
+    PREFECT_API_REQUEST_TIMEOUT,
+    PREFECT_API_URL,
+    PREFECT_CLIENT_MAX_RETRIES,
+    temporary_settings,
+)
+
+from cm_tasks import _messages
+from cm_tasks.errors import CarbonMapperError, TokenBlockError
+
+CALL_SECONDS = 10.0
+"""Longest wait for one Prefect API request during a renewal."""
+_TRANSIENT = (408, 429, 500, 502, 503, 504)
+
+T = TypeVar("T")
+
+
+def prefect_api() -> str | None:
+    """The current Prefect API URL (None: a local, temporary one)."""
+    url = PREFECT_API_URL.value()
+    return str(url).rstrip("/") if url else None
+
+
+def status_of(exc: BaseException) -> int | None:
+    """The HTTP status of a Prefect API error, if it is one."""
+    return exc.response.status_code if isinstance(exc, PrefectHTTPStatusError) else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failure may go away by itself (an outage, a busy or restarting server)."""
+    if isinstance(exc, CarbonMapperError):
+        return exc.transient
+    return isinstance(exc, (httpx.TransportError, TimeoutError)) or status_of(exc) in _TRANSIENT
+
+
+def call_prefect(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs); a failure of the Prefect API becomes a TokenBlockError."""
+    failure: TokenBlockError | None = None
+    try:
+        return fn(*args, **kwargs)
+    except CarbonMapperError:
+        raise
+    except Exception as exc:
+        failure = TokenBlockError(
+            _messages.prefect_failed(what, prefect_api(), exc, status_of(exc)),
+            transient=is_transient(exc),
+        )
+    raise failure  # outside the except block: the Prefect error is not chained
+
+
+@contextmanager
+def bounded_calls(what: str) -> Iterator[Callable[..., Any]]:
+    """Bound the Prefect requests made inside; yields `call_prefect` for `what`."""
+    timeout = min(float(PREFECT_API_REQUEST_TIMEOUT.value()), CALL_SECONDS)
+    retries = min(int(PREFECT_CLIENT_MAX_RETRIES.value()), 2)
+    with temporary_settings(
+        updates={PREFECT_API_REQUEST_TIMEOUT: timeout, PREFECT_CLIENT_MAX_RETRIES: retries}
+    ):
+        yield lambda fn, *args, **kwargs: call_prefect(what, fn, *args, **kwargs)

@@ -1,0 +1,392 @@
+"""When a token is renewed, and how one renewal serves every caller that needs it.
+
+- `decide`: use the token, give a 401 back, or renew. A 401 renews a token once, whenever it
+  was made; a 401 on the token that renewal gave (or any 401 in mode `off`) is the caller's.
+- One `Flight` per block per process, in a thread of its own: callers wait for its `Outcome`
+  (the block, or the failure) without holding a thread. Across processes the flight tries the
+  block's lease once; if it is held, it listens on Prefect's events stream for the holder's
+  outcome and reads the block once, with a slow jittered read where the stream is silent.
+- A create-stac that may have made a token is everyone's failure, then a cool-down: the next
+  renewal is one decision under the lease, not a race.
+- One outage rule for every mode: a caller whose cached token has not expired waits at most
+  `PATIENCE_SECONDS` and gets that token on any failure but a configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import random
+import threading
+import time
+from collections.abc import Generator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from functools import lru_cache
+
+from prefect.events import emit_event
+
+from cm_tasks import _deployment_refresh, _messages, _token_cache
+from cm_tasks._logging import current_logger
+from cm_tasks._prefect_calls import bounded_calls, is_transient
+from cm_tasks._refresh_lease import refresh_time_bound, try_lease
+from cm_tasks._token_cache import Entry, Key
+from cm_tasks._token_events import RENEWAL_FAILED_EVENT, Heard, Listener
+from cm_tasks.blocks import CarbonMapperStacToken, load_token_block
+from cm_tasks.client import CREATE_STAC_PATH
+from cm_tasks.errors import (
+    APIUnavailableError,
+    CarbonMapperAPIError,
+    ConfigurationError,
+    RefreshRunError,
+    TokenBlockError,
+    UnexpectedResponseError,
+)
+from cm_tasks.notify import token_resource
+from cm_tasks.refresh import resolve_request, run_refresh
+from cm_tasks.retry import unprocessed
+from cm_tasks.settings import CarbonMapperSettings, RefreshMode, api_identity, load_settings
+
+RENEWAL_GRACE = timedelta(minutes=15)
+"""A token made less than this long ago is used even within min_valid: another is no better."""
+PATIENCE_SECONDS = 10.0
+"""Longest wait for a renewal by a caller that holds a cached token that has not expired."""
+OUTAGE_RETRY_SECONDS = 30.0
+"""After a failed renewal, a cached token is served this long without trying again."""
+COOL_DOWN_SECONDS = 60.0
+"""After a create-stac that may have made a token, nobody renews the block for this long."""
+FALLBACK_SECONDS = (30.0, 60.0)
+"""A waiter that hears nothing reads the block once somewhere in this range (jittered)."""
+_ROUNDS = 2  # renewals one call may wait for: one, and one more for a stricter min_valid
+
+
+class Action(Enum):
+    """What a call does with the token it finds."""
+
+    USE = "use"  # valid for min_valid
+    USE_JUST_MADE = "use-just-made"  # within min_valid, but just made: another is no better
+    GIVE_UP = "give-up"  # a 401 that renewing cannot fix: it goes back to the caller
+    RENEW = "renew"
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one caller asks for."""
+
+    key: Key
+    settings: CarbonMapperSettings
+    api_url: str
+    min_valid: timedelta
+    rejected: str | None  # the token the API answered 401 to, if that is why we are here
+    mode: RefreshMode
+
+    block_name = property(lambda self: self.key[1], doc="The token block.")
+
+
+def decide(block: CarbonMapperStacToken | None, call: Call, from_401: bool = False) -> Action:
+    """The one decision: use the token, give the 401 back, or renew."""
+    if block is None:
+        return Action.RENEW
+    if call.rejected is not None and block.get() == call.rejected:
+        renewed_once = call.mode == "off" or from_401
+        return Action.GIVE_UP if renewed_once else Action.RENEW
+    if not block.expires_within(call.min_valid):
+        return Action.USE
+    just_made = datetime.now(timezone.utc) - block.created_at < RENEWAL_GRACE
+    if just_made and not block.expires_within(timedelta(0)):
+        return Action.USE_JUST_MADE
+    return Action.RENEW
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a renewal ended: the block it leaves (renewed or not), or why it failed."""
+
+    block: CarbonMapperStacToken | None = None
+    error: Exception | None = None
+    minted: bool = False  # this flight made the token
+
+
+@dataclass
+class Flight:
+    """One renewal of one block in progress in this process; every caller waits for it."""
+
+    call: Call
+    outcome: Outcome | None = None
+    _done: threading.Event = field(default_factory=threading.Event)
+    _wakers: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def finish(self, outcome: Outcome) -> None:
+        """Record the outcome and wake every waiter, threads and event loops alike."""
+        with _guard:
+            self.outcome = outcome
+            self._done.set()
+            _flights.pop(self.call.key, None)
+            wakers, self._wakers = self._wakers, []
+        for waker in wakers:  # each on its own event loop, maybe another thread's or closed
+            with suppress(RuntimeError):
+                waker.get_loop().call_soon_threadsafe(waker.set_result, None)
+
+    def wait(self, timeout: float | None) -> Outcome | None:
+        """The outcome, or None if it did not come within timeout seconds."""
+        self._done.wait(timeout)
+        return self.outcome
+
+    async def await_outcome(self, timeout: float | None) -> Outcome | None:
+        """`wait` for an event loop: no thread is held while waiting."""
+        waker = asyncio.get_running_loop().create_future()
+        with _guard:
+            if self.outcome is None:
+                self._wakers.append(waker)
+            else:
+                waker.set_result(None)
+        await asyncio.wait({waker}, timeout=timeout)
+        return self.outcome
+
+
+_flights: dict[Key, Flight] = {}
+_guard = threading.Lock()
+
+
+def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, str | None]:
+    """The token for call (None: give the 401 back), yielding each flight it must wait for.
+
+    The sync and the async public functions drive this one generator, each waiting for the
+    flights its own way (`Flight.wait`, `Flight.await_outcome`).
+    """
+    for _ in range(_ROUNDS):
+        entry = _cached(call)
+        if entry is not None:
+            action = decide(entry.block, call, entry.from_401)
+            if action is not Action.RENEW:
+                return _use(call, entry, action)
+            if call.rejected is None and entry.backing_off():
+                return entry.block.get()
+        cooling = _token_cache.cooling(call.key)
+        if cooling is not None:
+            return _failed(call, entry, cooling)
+        servable = entry is not None and call.rejected is None and entry.servable()
+        flight = _flight_for(call)
+        outcome = yield flight, (PATIENCE_SECONDS if servable else None)
+        if outcome is None:  # only a caller with a servable token stops waiting
+            late = TokenBlockError(f"not renewed within {PATIENCE_SECONDS:.0f} s", transient=True)
+            return _failed(call, entry, late)
+        if outcome.error is not None:
+            return _failed(call, entry, outcome.error)
+    entry = _cached(call)
+    if entry is not None and entry.servable() and call.rejected is None:
+        return entry.block.get()
+    raise TokenBlockError(_messages.still_stale(call.block_name, call.min_valid))
+
+
+def _cached(call: Call) -> Entry | None:
+    entry = _token_cache.get(call.key)
+    if entry is not None and not same_api(entry.block, call.api_url):
+        return None  # another API's token: never served, not even through an outage
+    return entry
+
+
+def _use(call: Call, entry: Entry, action: Action) -> str | None:
+    if action is Action.GIVE_UP:
+        return None
+    if action is Action.USE_JUST_MADE and not entry.warned:
+        entry.warned = True
+        current_logger().warning(
+            _messages.within_min_valid(call.block_name, entry.block, call.min_valid)
+        )
+    return entry.block.get()
+
+
+def _failed(call: Call, entry: Entry | None, error: Exception) -> str:
+    """The one outage rule: a token that has not expired is served; otherwise the error."""
+    serve = entry is not None and call.rejected is None and entry.servable()
+    if not serve or isinstance(error, ConfigurationError):
+        raise error
+    assert entry is not None
+    entry.retry_at = time.monotonic() + OUTAGE_RETRY_SECONDS
+    current_logger().warning(
+        _messages.serving_stale(call.block_name, error, entry.block, OUTAGE_RETRY_SECONDS)
+    )
+    return entry.block.get()
+
+
+def _flight_for(call: Call) -> Flight:
+    """The flight renewing call's block in this process: joined, or started now."""
+    with _guard:
+        flight = _flights.get(call.key)
+        if flight is not None:
+            return flight
+        flight = _flights[call.key] = Flight(call)
+    # The thread sees the caller's Prefect settings and run context (logs go to its run).
+    context = contextvars.copy_context()
+    threading.Thread(
+        target=context.run, args=(_fly, flight), name="cm-tasks-renewal", daemon=True
+    ).start()
+    return flight
+
+
+def _fly(flight: Flight) -> None:
+    call = flight.call
+    try:
+        outcome = _renew(call)
+    except Exception as exc:
+        outcome = Outcome(error=exc)
+    if outcome.block is not None:
+        from_401 = outcome.minted and call.rejected is not None
+        _token_cache.put(call.key, Entry(outcome.block, from_401=from_401))
+    flight.finish(outcome)
+
+
+def _renew(call: Call) -> Outcome:
+    """Read the block; if it does not answer the call, renew it (or hear who did)."""
+    block = _read(call)
+    if decide(block, call) is not Action.RENEW:
+        return Outcome(block)
+    if call.mode == "off":
+        disabled = _messages.refresh_disabled(call.block_name, block, call.min_valid)
+        return Outcome(error=TokenBlockError(disabled))
+    bound = _bound(call)
+    deadline = time.monotonic() + bound
+    with Listener(token_resource(call.block_name)["prefect.resource.id"]) as events:
+        while True:
+            with try_lease(call.block_name, bound) as held:
+                if held:
+                    return _renew_holding_lease(call)
+            heard = events.next(_fallback_wait(deadline))
+            if heard is not None and heard.name == RENEWAL_FAILED_EVENT:
+                failure = _their_failure(call, heard)
+                if failure is not None:
+                    return Outcome(error=failure)
+            block = _read(call)
+            if decide(block, call) is not Action.RENEW:
+                return Outcome(block)
+            if time.monotonic() >= deadline:
+                late = _messages.waited_too_long(call.block_name, bound)
+                return Outcome(error=TokenBlockError(late, transient=True))
+
+
+def _renew_holding_lease(call: Call) -> Outcome:
+    block = _read(call)  # another process may have renewed it while this one asked
+    if decide(block, call) is not Action.RENEW:
+        return Outcome(block)
+    try:
+        block = _mint(call)
+    except Exception as exc:
+        _announce_failure(call, exc)
+        return Outcome(error=exc)
+    if block.expires_within(call.min_valid):
+        current_logger().warning(_messages.within_min_valid(call.block_name, block, call.min_valid))
+    return Outcome(block, minted=True)
+
+
+def _mint(call: Call) -> CarbonMapperStacToken:
+    """A new token in the block: made here (inline) or by a run of the refresh deployment."""
+    settings = call.settings
+    if api_identity(settings.base_url) != api_identity(call.api_url):
+        settings = load_settings(base_url=call.api_url)
+    if call.mode == "deployment":
+        deadline = time.monotonic() + settings.refresh_timeout
+        failure = _deployment_refresh.refresh_through_deployment(
+            call.block_name, call.api_url, settings, deadline
+        )
+        block = _read(call)  # the block decides (a cancelled run's holder may have renewed it)
+        if block is not None and decide(block, call) is not Action.RENEW:
+            return block
+        raise failure or TokenBlockError(_messages.still_stale(call.block_name, call.min_valid))
+    renewing = "The STAC token in block %r is missing or about to expire: getting a new one."
+    current_logger().info(renewing, call.block_name)
+    block = run_refresh(resolve_request(settings, token_block=call.block_name), settings)
+    _token_cache.count(refreshes=1)
+    return block
+
+
+def _announce_failure(call: Call, error: Exception) -> None:
+    """Tell this process and every waiting one how the renewal ended, and the cool-down."""
+    cool_down = COOL_DOWN_SECONDS if _may_have_made_a_token(error) else 0.0
+    if cool_down:
+        _token_cache.cool_down(call.key, cool_down, error)
+    payload = {
+        "error": type(error).__name__,
+        "retry_after": cool_down,
+        "transient": is_transient(error),
+        "flow_run_name": getattr(error, "flow_run_name", None),
+        "flow_run_id": getattr(error, "flow_run_id", None),
+        # A run's error says what its state message (stored in Prefect already) says.
+        "message": str(error) if isinstance(error, RefreshRunError) else None,
+    }
+    with suppress(Exception):  # waiters then learn it from their slow read
+        emit_event(RENEWAL_FAILED_EVENT, resource=token_resource(call.block_name), payload=payload)
+
+
+def _their_failure(call: Call, heard: Heard) -> TokenBlockError | None:
+    """The failure another process announced, if it is about this wait (or cools it down)."""
+    retry_after = float(heard.payload.get("retry_after") or 0.0)
+    age = (datetime.now(timezone.utc) - heard.occurred).total_seconds()
+    if age > max(retry_after, _bound(call)):
+        return None  # an old failure, sent again on connect: not this renewal's outcome
+    run_name, run_id = heard.payload.get("flow_run_name"), heard.payload.get("flow_run_id")
+    message = heard.payload.get("message") or _messages.their_failure(
+        call.block_name, str(heard.payload.get("error")), retry_after, run_name
+    )
+    transient = bool(heard.payload.get("transient"))
+    error = (
+        RefreshRunError(message, flow_run_name=run_name, flow_run_id=run_id, transient=transient)
+        if run_name
+        else TokenBlockError(message, transient=transient)
+    )
+    if retry_after > age:
+        _token_cache.cool_down(call.key, retry_after - age, error)
+    return error
+
+
+def _may_have_made_a_token(error: Exception) -> bool:
+    """A create-stac whose answer was lost or unreadable: the token may exist, unsaved."""
+    if not isinstance(error, CarbonMapperAPIError) or CREATE_STAC_PATH not in error.endpoint:
+        return False
+    if isinstance(error, UnexpectedResponseError):
+        return True
+    return isinstance(error, APIUnavailableError) and not unprocessed(error)
+
+
+def _bound(call: Call) -> float:
+    if call.mode == "deployment":
+        return float(call.settings.refresh_timeout)
+    return refresh_time_bound(call.settings)
+
+
+def _fallback_wait(deadline: float) -> float:
+    wait = random.uniform(*FALLBACK_SECONDS)  # noqa: S311 - jitter, not a secret
+    return max(min(wait, deadline - time.monotonic()), 0.0)
+
+
+def _read(call: Call) -> CarbonMapperStacToken | None:
+    """The block as saved in Prefect (every request bounded); another API's is an error."""
+    _token_cache.count(reads=1)
+    with bounded_calls(f"read the token block {call.block_name!r}") as prefect:
+        block: CarbonMapperStacToken | None = prefect(load_token_block, call.block_name)
+    if block is not None and not same_api(block, call.api_url):
+        raise ConfigurationError(_messages.api_mismatch(call.block_name, block, call.api_url))
+    return block
+
+
+@lru_cache(maxsize=64)
+def _api_id(url: str) -> str:
+    return api_identity(url)
+
+
+def same_api(block: CarbonMapperStacToken, api_url: str) -> bool:
+    """Whether block holds a token for the API of api_url."""
+    return _api_id(block.base_url) == _api_id(api_url)
+
+
+def _reset_after_fork() -> None:
+    # A fork copies the lock as it is, held or not, but not the renewal threads.
+    global _guard
+    _guard = threading.Lock()
+    _flights.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -1,0 +1,133 @@
+"""The process-wide token cache: one entry per (Prefect API URL, block name), and its counters.
+
+Keyed by the Prefect API too, so a process that talks to two Prefect APIs never hands one
+API's token to the other. Fork-safe: a forked child starts with a fresh lock
+(`os.register_at_fork`), so a fork while another thread holds it cannot leave the child
+waiting for ever.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from cm_tasks.blocks import CarbonMapperStacToken
+
+Key = tuple[str | None, str]  # (Prefect API URL, block name)
+
+
+@dataclass
+class Entry:
+    """A cached token block and what this process learnt about it."""
+
+    block: CarbonMapperStacToken
+    from_401: bool = False  # made by a renewal after a 401: a 401 on it is not renewed again
+    retry_at: float = 0.0  # monotonic time before which a failed renewal is not tried again
+    warned: bool = False  # the "within min_valid, used anyway" warning was logged
+
+    def servable(self) -> bool:
+        """Whether the token may still be sent (it has not expired)."""
+        return not self.block.expires_within(timedelta(0))
+
+    def backing_off(self) -> bool:
+        """Whether a renewal failed moments ago (serve this token rather than try again)."""
+        return self.retry_at > time.monotonic() and self.servable()
+
+
+_entries: dict[Key, Entry] = {}
+_cooling: dict[Key, tuple[float, Exception]] = {}  # monotonic end of a cool-down, and why
+_counters = {"block_reads": 0, "refreshes": 0}
+_guard = threading.Lock()
+
+
+@dataclass(frozen=True)
+class TokenCacheInfo:
+    """What the process-wide token cache has done since the process started.
+
+    Attributes:
+        block_reads: how many times a token block was read from the Prefect API.
+        refreshes: how many inline refreshes (new tokens) this process made.
+        cached_blocks: names of the blocks whose token is cached now (for any Prefect API).
+    """
+
+    block_reads: int
+    refreshes: int
+    cached_blocks: tuple[str, ...]
+
+
+def token_cache_info() -> TokenCacheInfo:
+    """Counters of the token cache, e.g. to check that a flow read the block only once.
+
+    Example:
+        ```python
+        from cm_tasks import get_stac_token, token_cache_info
+
+        get_stac_token()
+        get_stac_token()
+        print(token_cache_info().block_reads)  # 1
+        ```
+    """
+    with _guard:
+        names = tuple(sorted({name for _, name in _entries}))
+        return TokenCacheInfo(_counters["block_reads"], _counters["refreshes"], names)
+
+
+def clear_token_cache(block_name: str | None = None) -> None:
+    """Forget the cached token of one block (or of all blocks when block_name is None).
+
+    The next `get_stac_token()` reads the block again (a cool-down after a failed renewal
+    is forgotten too). The block's token is forgotten for every Prefect API this process
+    talked to. Useful in tests.
+
+    Example:
+        ```python
+        from cm_tasks import clear_token_cache
+
+        clear_token_cache()  # the next get_stac_token() reads the block again
+        ```
+    """
+    with _guard:
+        for store in (_entries, _cooling):
+            for key in [k for k in store if block_name is None or k[1] == block_name]:
+                del store[key]
+
+
+get = _entries.get
+"""The cached entry of a key, if any."""
+
+
+def put(key: Key, entry: Entry) -> None:
+    """Cache entry under key."""
+    with _guard:
+        _entries[key] = entry
+
+
+def cool_down(key: Key, seconds: float, error: Exception) -> None:
+    """Nobody in this process renews key's block for seconds; callers get error meanwhile."""
+    with _guard:
+        _cooling[key] = (time.monotonic() + seconds, error)
+
+
+def cooling(key: Key) -> Exception | None:
+    """The error of a cool-down of key's block still running, if any."""
+    with _guard:
+        until, error = _cooling.get(key, (0.0, None))
+    return error if until > time.monotonic() else None
+
+
+def count(*, reads: int = 0, refreshes: int = 0) -> None:
+    """Add to the counters of `token_cache_info`."""
+    with _guard:
+        _counters["block_reads"] += reads
+        _counters["refreshes"] += refreshes
+
+
+def _reset_after_fork() -> None:
+    global _guard
+    _guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

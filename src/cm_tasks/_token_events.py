@@ -1,0 +1,97 @@
+"""Hear a renewal's outcome on Prefect's events stream instead of asking the API again.
+
+A process that waits for another's renewal opens one websocket (`/api/events/out`, OSS servers
+from Prefect 3.2) filtered on the token block's resource and reads the block once when
+`carbon-mapper.stac-token.refreshed` arrives; a failed renewal announces itself with
+`carbon-mapper.stac-token.renewal-failed`, whose payload says how long to wait before trying
+again. The stream sends the last minute of matching events on connect, so an outcome that
+came just before the socket opened is not missed. Where the stream cannot be opened (no
+`PREFECT_API_URL`, a proxy without websockets) `live` is False and the waiter falls back to
+slow, jittered reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import queue
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+from cm_tasks._prefect_calls import CALL_SECONDS, prefect_api
+
+RENEWAL_FAILED_EVENT = "carbon-mapper.stac-token.renewal-failed"
+"""Emitted by the process whose renewal of a block failed; payload: the cool-down."""
+
+
+@dataclass(frozen=True)
+class Heard:
+    """One event heard on the stream: its name, payload and when it occurred."""
+
+    name: str
+    occurred: datetime
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+class Listener:
+    """The events of one resource, heard in a background thread while the `with` lasts."""
+
+    def __init__(self, resource_id: str, *, name_prefix: str | None = None) -> None:
+        self._filter = EventFilter(
+            resource=EventResourceFilter(id=[resource_id]),
+            event=EventNameFilter(prefix=[name_prefix]) if name_prefix else None,
+        )
+        self._heard: queue.Queue[Heard | None] = queue.Queue()
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.live = False
+
+    def __enter__(self) -> Listener:
+        if prefect_api() is not None:  # never start a temporary server just to listen
+            context = contextvars.copy_context()
+            threading.Thread(
+                target=context.run, args=(asyncio.run, self._listen()), daemon=True
+            ).start()
+            self._ready.wait(CALL_SECONDS)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._closed = True
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            loop.call_soon_threadsafe(task.cancel)
+
+    def next(self, timeout: float) -> Heard | None:
+        """The next event, or None after timeout seconds (or once the stream is gone)."""
+        if not self.live:
+            return None
+        try:
+            heard = self._heard.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return None
+        if heard is None:
+            self.live = False
+        return heard
+
+    async def _listen(self) -> None:
+        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        try:
+            async with get_events_subscriber(filter=self._filter, reconnection_attempts=2) as sub:
+                self.live = not self._closed  # closed while connecting: leave at once
+                self._ready.set()
+                if self._closed:
+                    return
+                async for event in sub:
+                    self._heard.put(Heard(event.event, event.occurred, dict(event.payload)))
+        except BaseException:  # noqa: S110 - the waiter falls back to reads; nothing to report
+            pass
+        finally:
+            self._heard.put(None)
+            self._ready.set()

@@ -1,0 +1,271 @@
+"""Issue 16: one renewal per block, every waiter gets its outcome, no polling while waiting.
+
+Against the emulator over HTTP and the session's real Prefect API. Each test failed on the
+code before the renewal was rebuilt (`cm_tasks._renewal`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from cm_tasks import (
+    UnexpectedResponseError,
+    aget_stac_token,
+    clear_token_cache,
+    get_stac_token,
+    stac_http_client,
+)
+from cm_tasks.notify import publish_refreshed
+from cm_tasks.testing import CarbonMapperEmulator, Fault
+
+from ..token_helpers import CREATE_STAC, delete_token_block, mint, save_token, stored_token
+
+TOKEN_PAIR = "token/pair"
+
+
+def _asset(emu: CarbonMapperEmulator) -> str:
+    item_id, _ = emu.large_asset
+    return f"stac/assets/{item_id}/rgb.tif"
+
+
+def test_a_create_stac_that_may_have_made_a_token_is_every_waiters_outcome_and_cools_down(
+    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Case 2: a 200 of another shape (the token nested under `data`): the token exists but
+    # cannot be read. Before, each of the 8 waiters made its own create-stac.
+    emu = credentials
+    # A block of its own: its renewal-failed event cools the block down for other processes
+    # (and other tests) for a minute.
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "cooling-down-token")
+    delete_token_block("cooling-down-token")
+    clear_token_cache()
+    emu.fail(CREATE_STAC, Fault.status(200, body={"data": {"token": "x"}}, times=100))
+
+    def call() -> str:
+        try:
+            return get_stac_token()
+        except Exception as exc:  # each caller's error is its outcome
+            return type(exc).__name__
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        # Each caller in a copy of this thread's context (it points Prefect at the test API).
+        contexts = [contextvars.copy_context() for _ in range(8)]
+        outcomes = list(pool.map(lambda context: context.run(call), contexts))
+
+    assert outcomes == ["UnexpectedResponseError"] * 8
+    assert emu.requests(CREATE_STAC) == 1
+    # The cool-down: the next call is the same outcome, without another create-stac.
+    with pytest.raises(UnexpectedResponseError):
+        get_stac_token()
+    assert emu.requests(CREATE_STAC) == 1
+
+
+def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_polling(
+    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fleet's cost: a waiter used to ask for the lease about once a second until the
+    # holder was done. Now it asks once, then listens; the save's event wakes it.
+    from cm_tasks import _compat
+    from cm_tasks._refresh_lease import try_lease
+
+    emu = credentials
+    save_token(emu, mint(emu), timedelta(minutes=20))  # within min_valid (1 h): stale
+    clear_token_cache()
+    tries: list[float] = []
+    real_take = _compat.take_slot
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        tries.append(time.monotonic())
+        return real_take(*args, **kwargs)
+
+    monkeypatch.setattr(_compat, "take_slot", counted)
+    held, release = threading.Event(), threading.Event()
+
+    def another_process_renews() -> None:  # holds the lease as another process would
+        with try_lease("carbon-mapper-stac-token", 60) as mine:
+            assert mine
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=contextvars.copy_context().run, args=(another_process_renews,))
+    holder.start()
+    assert held.wait(60)
+    with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as cleanup:
+        cleanup.callback(holder.join, 60)
+        cleanup.callback(release.set)
+        waiting = pool.submit(contextvars.copy_context().run, get_stac_token)
+        deadline = time.monotonic() + 60
+        while len(tries) < 2 and time.monotonic() < deadline:  # the holder's, then the waiter's
+            time.sleep(0.05)
+        time.sleep(3)  # not a wait for a state: the span in which a poller would ask again
+        assert len(tries) == 2
+        renewed = save_token(emu, mint(emu), timedelta(days=13))
+        saved_at = time.monotonic()
+        publish_refreshed(renewed, "carbon-mapper-stac-token")
+        token = waiting.result(timeout=60)
+        got_it_after = time.monotonic() - saved_at
+    assert token == renewed.get()
+    assert got_it_after < 2.0
+    assert len(tries) == 2  # the waiter asked for the lease once
+    assert emu.requests(CREATE_STAC) == 0
+
+
+async def test_async_waiters_hold_no_worker_thread(credentials: CarbonMapperEmulator) -> None:
+    # Case 8: 45 aget_stac_token callers waiting for one renewal used to take anyio's 40
+    # worker threads, and unrelated to_thread work in the process stalled until it ended.
+    emu = credentials
+    delete_token_block()
+    clear_token_cache()
+    emu.fail(TOKEN_PAIR, Fault.delay(6))
+    async with anyio.create_task_group() as group:
+        for _ in range(45):
+            group.start_soon(aget_stac_token)
+        await anyio.sleep(0.5)  # let every caller start waiting
+        started = time.monotonic()
+        assert await anyio.to_thread.run_sync(lambda: 42) == 42
+        unrelated = time.monotonic() - started
+    assert unrelated < 2.0
+    assert emu.requests(CREATE_STAC) == 1
+
+
+def test_off_mode_returns_a_401_that_is_not_about_the_token(
+    carbon_mapper_emulator: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Case 11: a token 20 minutes old, an asset the account may not read: the 401 comes back
+    # instead of "refresh it".
+    emu = carbon_mapper_emulator
+    monkeypatch.setenv("CM_BASE_URL", emu.base_url)
+    save_token(emu, mint(emu), timedelta(days=13), created_ago=timedelta(minutes=20))
+    clear_token_cache()
+    path = _asset(emu)
+    emu.fail(path, Fault.status(401, times=10))
+    with stac_http_client(refresh="off") as http:
+        response = http.get(path)
+    assert response.status_code == 401
+    assert emu.requests(CREATE_STAC) == 0
+
+
+def test_a_token_made_in_the_future_is_renewed_once_on_a_401(
+    credentials: CarbonMapperEmulator,
+) -> None:
+    # Case 13: platform clock skew put created_at 10 minutes ahead; such a token used to be
+    # "just made" for 25 minutes, so a 401 renewed nothing.
+    emu = credentials
+    rejected = mint(emu)
+    save_token(emu, rejected, timedelta(days=13), created_ago=-timedelta(minutes=10))
+    clear_token_cache()
+    path = _asset(emu)
+    emu.fail(path, Fault.status(401, times=1))
+    with stac_http_client() as http:
+        response = http.get(path)
+    assert response.status_code == 200
+    assert emu.requests(CREATE_STAC) == 1
+    assert stored_token() != rejected
+
+
+def test_a_prefect_api_hanging_on_concurrency_calls_serves_the_cached_token(
+    credentials: CarbonMapperEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Case 7: the lease call hangs; a valid cached token (within min_valid) is served within
+    # the patience bound instead of after minutes.
+    from prefect.client.orchestration import SyncPrefectClient
+
+    emu = credentials
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "hanging-token")
+    cached = save_token(emu, mint(emu), timedelta(minutes=50), "hanging-token")
+    clear_token_cache()
+    assert get_stac_token(min_valid=timedelta(minutes=10)) == cached.get()
+    hang = threading.Event()
+
+    def hanging(*args: Any, **kwargs: Any) -> Any:
+        hang.wait(60)
+        raise TimeoutError
+
+    for method in ("increment_concurrency_slots_with_lease", "increment_concurrency_slots"):
+        monkeypatch.setattr(SyncPrefectClient, method, hanging, raising=False)
+    caplog.set_level(logging.WARNING)
+    started = time.monotonic()
+    try:
+        assert get_stac_token() == cached.get()
+    finally:
+        hang.set()
+    assert time.monotonic() - started < 20
+    assert "Using the cached token" in caplog.text
+
+
+def test_a_refresh_deployment_nobody_serves_does_not_hold_a_valid_cached_token(
+    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Case 5: in deployment mode a valid cached token is served while the refresh deployment
+    # is down, as inline mode does while the platform is: after at most 10 s, not after
+    # CM_REFRESH_TIMEOUT (300 s) and not as an error.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    emu = credentials
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_work_pool(WorkPoolCreate(name="nobody-serves", type="process"))
+        flow_id = client.create_flow_from_name("refresh-stac-token")
+        client.create_deployment(flow_id, "unserved", work_pool_name="nobody-serves")
+    monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/unserved")
+    # A block of its own: the renewal goes on in the background after the test (up to 300 s).
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "unserved-token")
+    cached = save_token(emu, mint(emu), timedelta(minutes=50), "unserved-token")
+    clear_token_cache()
+    assert get_stac_token(min_valid=timedelta(minutes=10), refresh="deployment") == cached.get()
+    started = time.monotonic()
+    assert get_stac_token(refresh="deployment") == cached.get()
+    assert time.monotonic() - started < 30
+    assert emu.requests(CREATE_STAC) == 0
+
+
+def test_a_refresh_run_running_longer_than_a_refresh_can_take_is_crashed_not_joined(
+    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Case 4: a worker SIGKILLed mid-refresh leaves its run Running; every caller joined it
+    # until it timed out, and nothing ever started a new run.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.states import Running
+
+    from cm_tasks import RefreshTimeoutError, _deployment_refresh
+
+    emu = credentials
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_work_pool(WorkPoolCreate(name="dead-worker", type="process"))
+        flow_id = client.create_flow_from_name("refresh-stac-token")
+        deployment_id = client.create_deployment(flow_id, "dead", work_pool_name="dead-worker")
+        dead = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"token_block": "dead-run-token"}
+        )
+        client.set_flow_run_state(dead.id, Running(), force=True)
+    # Every Running run has now run "longer than a refresh can take".
+    monkeypatch.setattr(_deployment_refresh, "refresh_time_bound", lambda _: 0.0, raising=False)
+    monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/dead")
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "dead-run-token")
+    monkeypatch.setenv("CM_REFRESH_TIMEOUT", "3")
+    delete_token_block("dead-run-token")
+    clear_token_cache()
+    with pytest.raises(RefreshTimeoutError) as caught:  # nobody serves the new run either
+        get_stac_token(refresh="deployment")
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(dead.id).state_type.value == "CRASHED"
+        assert caught.value.flow_run_id != str(dead.id)  # a new run, not the dead one
+    assert emu.requests(CREATE_STAC) == 0

@@ -1,0 +1,93 @@
+"""Issue 16: the renewal decision and the outage rule, as pure logic (no Prefect, no HTTP)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from cm_tasks import _renewal, _token_cache
+from cm_tasks._renewal import Action, Call, Flight, Outcome, decide
+from cm_tasks.blocks import CarbonMapperStacToken
+from cm_tasks.errors import ConfigurationError, RefreshRunError
+from cm_tasks.settings import load_settings
+
+API = "https://api.example/api/v1/"
+
+
+def _block(token: str, left: timedelta, made_ago: timedelta) -> CarbonMapperStacToken:
+    now = datetime.now(timezone.utc)
+    return CarbonMapperStacToken(
+        token=token,  # type: ignore[arg-type]
+        name="t",
+        expires_at=now + left,
+        created_at=now - made_ago,
+        base_url=API,
+    )
+
+
+def _call(rejected: str | None = None, mode: str = "inline") -> Call:
+    key = ("http://prefect.test/api", "unit-block")
+    return Call(key, load_settings(), API, timedelta(hours=1), rejected, mode)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("made_ago", [timedelta(days=3), timedelta(0), -timedelta(minutes=10)])
+def test_a_rejected_token_is_renewed_once_whenever_it_was_made(made_ago: timedelta) -> None:
+    # Case 13: created_at (even in the future) no longer decides; the token's history does.
+    block = _block("t1", timedelta(days=10), made_ago)
+    assert decide(block, _call(rejected="t1")) is Action.RENEW
+    assert decide(block, _call(rejected="t1"), from_401=True) is Action.GIVE_UP
+    assert decide(block, _call(rejected="t0")) is Action.USE  # already replaced
+
+
+def test_off_mode_gives_every_401_back() -> None:
+    # Case 11: off never renews, so a 401 is the caller's, whatever the token's age.
+    block = _block("t1", timedelta(days=10), timedelta(minutes=20))
+    assert decide(block, _call(rejected="t1", mode="off")) is Action.GIVE_UP
+
+
+def _drive(call: Call, outcome: Outcome) -> str | None:
+    """Run the steps of call with a flight that ends with outcome."""
+    steps = _renewal.steps(call)
+    try:
+        next(steps)
+        steps.send(outcome)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    raise AssertionError("steps asked for a second flight")
+
+
+def _cache_a_valid_token(call: Call) -> None:
+    """Token "c", 50 minutes left (within min_valid), made a day ago."""
+    entry = _token_cache.Entry(_block("c", timedelta(minutes=50), timedelta(days=1)))
+    _token_cache.put(call.key, entry)
+
+
+@pytest.fixture
+def one_finished_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_renewal, "_flight_for", lambda call: Flight(call))
+    _token_cache.clear_token_cache()
+
+
+@pytest.mark.usefixtures("one_finished_flight")
+def test_any_failed_renewal_serves_a_valid_cached_token_in_every_mode() -> None:
+    # Case 5: a failed refresh run (not transient) used to fail every deployment-mode call
+    # although the cached token had 50 minutes left.
+    for mode in ("inline", "deployment"):
+        call = _call(mode=mode)
+        _token_cache.put(
+            call.key, _token_cache.Entry(_block("c", timedelta(minutes=50), timedelta(days=1)))
+        )
+        failed = RefreshRunError("run failed", flow_run_name="r", transient=False)
+        assert _drive(call, Outcome(error=failed)) == "c"
+        _token_cache.clear_token_cache()
+
+
+@pytest.mark.usefixtures("one_finished_flight")
+def test_a_configuration_error_is_never_served_over() -> None:
+    call = _call()
+    _token_cache.put(
+        call.key, _token_cache.Entry(_block("c", timedelta(minutes=50), timedelta(days=1)))
+    )
+    with pytest.raises(ConfigurationError):
+        _drive(call, Outcome(error=ConfigurationError("another API")))
