@@ -321,7 +321,7 @@ def _announce_failure(call: Call, error: Exception) -> None:
         emit_event(RENEWAL_FAILED_EVENT, resource=token_resource(call.block_name), payload=payload)
 
 
-def _their_failure(call: Call, heard: Heard) -> TokenBlockError | None:
+def _their_failure(call: Call, heard: Heard) -> RefreshRunError | TokenBlockError | None:
     """The failure another process announced, if it is about this wait (or cools it down)."""
     retry_after = float(heard.payload.get("retry_after") or 0.0)
     age = (datetime.now(timezone.utc) - heard.occurred).total_seconds()

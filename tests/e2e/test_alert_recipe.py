@@ -22,9 +22,8 @@ from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from cm_tasks.watchdog import check_stac_token
-
-from ..docblocks import REPO_ROOT, doc_blocks
-from ..prefect_server import PrefectServer, running_prefect_server
+from tests.support.docblocks import REPO_ROOT, doc_blocks
+from tests.support.prefect_server import PrefectServer, running_prefect_server
 
 OPERATE = REPO_ROOT / "docs" / "operate.md"
 WAIT_SECONDS = 120.0

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from cm_tasks._version import __version__
-
-from ..unit.test_index_docs import relative_targets
+from tests.support.links import relative_targets
 
 pytestmark = pytest.mark.wheel
 REPO_ROOT = Path(__file__).resolve().parents[2]

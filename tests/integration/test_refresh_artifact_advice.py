@@ -6,8 +6,7 @@ import pytest
 
 from cm_tasks.flows import refresh_stac_token
 from cm_tasks.testing import CarbonMapperEmulator
-
-from ..test_watchdog import run_artifacts
+from tests.support.prefect_api import run_artifacts
 
 
 @pytest.mark.parametrize(

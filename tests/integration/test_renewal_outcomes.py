@@ -28,8 +28,13 @@ from cm_tasks import (
 )
 from cm_tasks.notify import publish_refreshed
 from cm_tasks.testing import CarbonMapperEmulator, Fault
-
-from ..token_helpers import CREATE_STAC, delete_token_block, mint, save_token, stored_token
+from tests.support.token_helpers import (
+    CREATE_STAC,
+    delete_token_block,
+    mint,
+    save_token,
+    stored_token,
+)
 
 TOKEN_PAIR = "token/pair"
 

@@ -7,11 +7,9 @@ import time
 from datetime import timedelta
 from typing import Any
 
-import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import BlockDocumentUpdate
-from prefect.settings import PREFECT_API_URL
 
 from cm_tasks import (
     EXPIRING_EVENT,
@@ -23,6 +21,7 @@ from cm_tasks import (
     check_token,
 )
 from cm_tasks.testing import CarbonMapperEmulator
+from tests.support.prefect_api import api, run_artifacts
 from tests.support.token_helpers import (
     SENTINEL_TOKEN,
     delete_token_block,
@@ -30,12 +29,6 @@ from tests.support.token_helpers import (
 )
 
 EVENT_WAIT_SECONDS = 30.0
-
-
-def api(path: str, body: dict[str, Any]) -> Any:
-    response = httpx.post(f"{PREFECT_API_URL.value()}/{path}", json=body, timeout=30)
-    response.raise_for_status()
-    return response.json()
 
 
 def events_about(block_name: str, name: str, expect: int = 1) -> list[dict[str, Any]]:
@@ -54,11 +47,6 @@ def events_of(resource_id: str, name: str, expect: int = 1) -> list[dict[str, An
         if len(page["events"]) >= expect or time.monotonic() > deadline:
             return list(page["events"])
         time.sleep(0.25)
-
-
-def run_artifacts(flow_run_id: Any) -> list[dict[str, Any]]:
-    found = api("artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}})
-    return [a for a in found if a["type"] == "markdown"]
 
 
 @pytest.mark.parametrize(
