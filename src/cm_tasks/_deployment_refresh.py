@@ -35,7 +35,6 @@ from cm_tasks._refresh_lease import refresh_time_bound
 from cm_tasks._token_events import Listener
 from cm_tasks.errors import ConfigurationError, RefreshRunError, RefreshTimeoutError
 from cm_tasks.settings import (
-    DEFAULT_BASE_URL,
     DEFAULT_TOKEN_BLOCK,
     CarbonMapperSettings,
     api_identity,
@@ -113,9 +112,11 @@ class _Runs:
         params = run.parameters or {}
         if params.get(TOKEN_BLOCK_PARAMETER, DEFAULT_TOKEN_BLOCK) != self.block_name:
             return False
-        if not self.takes_base_url:
+        theirs = params.get(BASE_URL_PARAMETER) if self.takes_base_url else None
+        if theirs is None:
+            # A run that does not set base_url (a Quick run, the weekly schedule) serves the
+            # worker's CM_BASE_URL: joined, and the block read after it says which API it got.
             return True
-        theirs = params.get(BASE_URL_PARAMETER) or DEFAULT_BASE_URL
         return api_identity(str(theirs)) == api_identity(self.api_url)
 
     def joinable(self) -> FlowRun | None:

@@ -472,7 +472,7 @@ def test_three_ingest_processes_share_one_refresh_run_and_never_read_a_secret(
     # known cause, Prefect's client sending the POST again).
     completed = [r for r in runs if r["state_type"] == "COMPLETED"]
     assert [(r["state_type"], r["parameters"]) for r in completed] == [
-        ("COMPLETED", {"token_block": TOKEN_BLOCK})
+        ("COMPLETED", {"token_block": TOKEN_BLOCK, "base_url": emulator.base_url})
     ]
     assert {(r["state_type"], r["parameters"]["token_block"]) for r in runs} <= {
         ("COMPLETED", TOKEN_BLOCK),
@@ -611,7 +611,7 @@ def test_a_401_renews_through_the_deployment_once(
     assert first.status_code == second.status_code == 200
     runs = _runs(on_server, deployments[WEEKLY], since)
     assert [(r["state_type"], r["parameters"]) for r in runs] == [
-        ("COMPLETED", {"token_block": TOKEN_BLOCK})
+        ("COMPLETED", {"token_block": TOKEN_BLOCK, "base_url": emulator.base_url})
     ]
     assert emulator.requests(CREATE_STAC) - creates == 1
     assert stored_token() not in (rejected,)

@@ -17,7 +17,7 @@ from tests.support.prefect_api import run_artifacts
     ],
 )
 def test_the_artifact_names_get_stac_token(
-    credentials: CarbonMapperEmulator, token_block: str, call: str
+    carbon_mapper_credentials: CarbonMapperEmulator, token_block: str, call: str
 ) -> None:
     state = refresh_stac_token(token_block=token_block, return_state=True)
 
@@ -27,5 +27,8 @@ def test_the_artifact_names_get_stac_token(
     assert call in text
     assert "from cm_tasks import get_stac_token" in text
     assert "CarbonMapperStacToken.load" not in text
-    for secret in [*credentials.issued_stac_tokens, credentials.password]:
+    for secret in [
+        *carbon_mapper_credentials.issued_stac_tokens,
+        carbon_mapper_credentials.password,
+    ]:
         assert secret not in text

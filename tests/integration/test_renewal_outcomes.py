@@ -45,11 +45,11 @@ def _asset(emu: CarbonMapperEmulator) -> str:
 
 
 def test_a_create_stac_that_may_have_made_a_token_is_every_waiters_outcome_and_cools_down(
-    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+    carbon_mapper_credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Case 2: a 200 of another shape (the token nested under `data`): the token exists but
     # cannot be read. Before, each of the 8 waiters made its own create-stac.
-    emu = credentials
+    emu = carbon_mapper_credentials
     # A block of its own: its renewal-failed event cools the block down for other processes
     # (and other tests) for a minute.
     monkeypatch.setenv("CM_TOKEN_BLOCK", "cooling-down-token")
@@ -77,14 +77,14 @@ def test_a_create_stac_that_may_have_made_a_token_is_every_waiters_outcome_and_c
 
 
 def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_polling(
-    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+    carbon_mapper_credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The fleet's cost: a waiter used to ask for the lease about once a second until the
     # holder was done. Now it asks once, then listens; the save's event wakes it.
     from cm_tasks import _compat
     from cm_tasks._refresh_lease import try_lease
 
-    emu = credentials
+    emu = carbon_mapper_credentials
     save_token(emu, mint(emu), timedelta(minutes=20))  # within min_valid (1 h): stale
     clear_token_cache()
     tries: list[float] = []
@@ -126,10 +126,12 @@ def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_pol
     assert emu.requests(CREATE_STAC) == 0
 
 
-async def test_async_waiters_hold_no_worker_thread(credentials: CarbonMapperEmulator) -> None:
+async def test_async_waiters_hold_no_worker_thread(
+    carbon_mapper_credentials: CarbonMapperEmulator,
+) -> None:
     # Case 8: 45 aget_stac_token callers waiting for one renewal used to take anyio's 40
     # worker threads, and unrelated to_thread work in the process stalled until it ended.
-    emu = credentials
+    emu = carbon_mapper_credentials
     delete_token_block()
     clear_token_cache()
     emu.fail(TOKEN_PAIR, Fault.delay(6))
@@ -162,11 +164,11 @@ def test_off_mode_returns_a_401_that_is_not_about_the_token(
 
 
 def test_a_token_made_in_the_future_is_renewed_once_on_a_401(
-    credentials: CarbonMapperEmulator,
+    carbon_mapper_credentials: CarbonMapperEmulator,
 ) -> None:
     # Case 13: platform clock skew put created_at 10 minutes ahead; such a token used to be
     # "just made" for 25 minutes, so a 401 renewed nothing.
-    emu = credentials
+    emu = carbon_mapper_credentials
     rejected = mint(emu)
     save_token(emu, rejected, timedelta(days=13), created_ago=-timedelta(minutes=10))
     clear_token_cache()
@@ -180,7 +182,7 @@ def test_a_token_made_in_the_future_is_renewed_once_on_a_401(
 
 
 def test_a_prefect_api_hanging_on_concurrency_calls_serves_the_cached_token(
-    credentials: CarbonMapperEmulator,
+    carbon_mapper_credentials: CarbonMapperEmulator,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -188,7 +190,7 @@ def test_a_prefect_api_hanging_on_concurrency_calls_serves_the_cached_token(
     # the patience bound instead of after minutes.
     from prefect.client.orchestration import SyncPrefectClient
 
-    emu = credentials
+    emu = carbon_mapper_credentials
     monkeypatch.setenv("CM_TOKEN_BLOCK", "hanging-token")
     cached = save_token(emu, mint(emu), timedelta(minutes=50), "hanging-token")
     clear_token_cache()
@@ -212,7 +214,7 @@ def test_a_prefect_api_hanging_on_concurrency_calls_serves_the_cached_token(
 
 
 def test_a_refresh_deployment_nobody_serves_does_not_hold_a_valid_cached_token(
-    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+    carbon_mapper_credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Case 5: in deployment mode a valid cached token is served while the refresh deployment
     # is down, as inline mode does while the platform is: after at most 10 s, not after
@@ -221,7 +223,7 @@ def test_a_refresh_deployment_nobody_serves_does_not_hold_a_valid_cached_token(
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    emu = credentials
+    emu = carbon_mapper_credentials
     with get_client(sync_client=True) as client:
         with contextlib.suppress(ObjectAlreadyExists):
             client.create_work_pool(WorkPoolCreate(name="nobody-serves", type="process"))
@@ -240,7 +242,7 @@ def test_a_refresh_deployment_nobody_serves_does_not_hold_a_valid_cached_token(
 
 
 def test_a_refresh_run_running_longer_than_a_refresh_can_take_is_crashed_not_joined(
-    credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+    carbon_mapper_credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Case 4: a worker SIGKILLed mid-refresh leaves its run Running; every caller joined it
     # until it timed out, and nothing ever started a new run.
@@ -251,7 +253,7 @@ def test_a_refresh_run_running_longer_than_a_refresh_can_take_is_crashed_not_joi
 
     from cm_tasks import RefreshTimeoutError, _deployment_refresh
 
-    emu = credentials
+    emu = carbon_mapper_credentials
     with get_client(sync_client=True) as client:
         with contextlib.suppress(ObjectAlreadyExists):
             client.create_work_pool(WorkPoolCreate(name="dead-worker", type="process"))
