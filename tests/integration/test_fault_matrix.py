@@ -533,7 +533,9 @@ def test_process_killed_mid_run_leaves_the_old_token(
     assert carbon_mapper_credentials.issued_stac_tokens == []
     stored = CarbonMapperStacToken.load(TOKEN_BLOCK)
     assert _same(stored, old_block)
-    # and the next run replaces it whole
-    settings = _settings()
+    # and the next run replaces it whole. It plays no fault, so it keeps the default time-out:
+    # the short one of _settings() is for telling the read-timeout faults apart, and a loaded
+    # machine can take longer than that for a normal answer.
+    settings = load_settings(retry_backoff=0)
     run_refresh(resolve_request(settings, token_name="after-kill"), settings)
     _assert_new_token_saved_whole(carbon_mapper_credentials, "after-kill")

@@ -158,7 +158,11 @@ class PrefectServer:
             with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
                 yield
         finally:
-            EventsWorker.drain_all(timeout=10)
+            drained = EventsWorker.drain_all(timeout=10)
+            if inspect.iscoroutine(drained):
+                # An event loop runs in this thread (Playwright's sync API): the workers are
+                # told to drain, but this thread cannot wait for them.
+                drained.close()
 
     def prefect(
         self,
