@@ -123,7 +123,7 @@ def _mean_max(values: list[float]) -> str:
 # -- set-up --------------------------------------------------------------------------------------
 
 
-def save_token_block(emulator: Any, expires_in: timedelta) -> str:
+def save_token_block(emulator: Any, expires_in: timedelta, block: str = TOKEN_BLOCK) -> str:
     """A token from the emulator saved to the token block, expiring in `expires_in`.
 
     Returns the token's short SHA-256 (as `_fleet_process.py` reports tokens).
@@ -141,7 +141,7 @@ def save_token_block(emulator: Any, expires_in: timedelta) -> str:
         created_at=now - max(timedelta(days=14) - expires_in, timedelta(days=1)),
         scopes=["stac", "catalog:read"],
         base_url=emulator.base_url,
-    ).save(TOKEN_BLOCK, overwrite=True)
+    ).save(block, overwrite=True)
     return hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
@@ -553,11 +553,17 @@ def main() -> int:
                 with context:
                     base: float | None = None
                     for seconds in (args.renewal, 2 * args.renewal):
-                        old = save_token_block(emulator, STALE)
+                        # A block of its own per renewal: Prefect's events stream replays
+                        # recent events to a new subscriber, and the previous renewal's
+                        # `refreshed` event (minutes old here, days in real use) must not
+                        # count against this one.
+                        block = f"bench-fleet-{mode}-{seconds:g}s".replace(".", "-")
+                        old = save_token_block(emulator, STALE, block)
                         emulator.clear_faults()
                         emulator.fail(TOKEN_PAIR, Fault.delay(seconds))
                         env = {
                             "CM_REFRESH_MODE": mode,
+                            "CM_TOKEN_BLOCK": block,
                             "CM_TIMEOUT": str(seconds + 60),
                             "CM_REFRESH_TIMEOUT": str(4 * seconds + 120),
                         }
