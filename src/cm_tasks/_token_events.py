@@ -13,6 +13,7 @@ slow, jittered reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import queue
 import threading
@@ -65,13 +66,17 @@ class Listener:
     def __exit__(self, *_: object) -> None:
         self._closed = True
         loop, task = self._loop, self._task
-        if loop is not None and task is not None:
-            loop.call_soon_threadsafe(task.cancel)
+        if loop is not None and task is not None and not loop.is_closed():
+            # The stream may end (and its loop close) between the check and the call.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(task.cancel)
 
     def next(self, timeout: float) -> Heard | None:
-        """The next event, or None after timeout seconds (or once the stream is gone)."""
-        if not self.live:
-            return None
+        """The next event, or None after timeout seconds (at once when the stream just ended).
+
+        A stream that could not be opened, or has ended, still waits out the timeout: that
+        wait is the waiter's slow fallback between two reads, never a busy loop.
+        """
         try:
             heard = self._heard.get(timeout=max(timeout, 0.0))
         except queue.Empty:
