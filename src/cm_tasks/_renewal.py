@@ -60,6 +60,8 @@ COOL_DOWN_SECONDS = 60.0
 """After a create-stac that may have made a token, nobody renews the block for this long."""
 FALLBACK_SECONDS = (30.0, 60.0)
 """A waiter that hears nothing reads the block once somewhere in this range (jittered)."""
+EVENT_CLOCK_SLACK = timedelta(seconds=2)
+"""An outcome event this much older than a waiter's block read still counts (clock skew)."""
 _ROUNDS = 2  # renewals one call may wait for: one, and one more for a stricter min_valid
 
 
@@ -242,6 +244,9 @@ def _fly(flight: Flight) -> None:
 
 def _renew(call: Call) -> Outcome:
     """Read the block; if it does not answer the call, renew it (or hear who did)."""
+    # Outcomes from before this read (the stream replays the last minute) are not this
+    # wait's; a little slack for the clocks of the processes that emit them.
+    since = datetime.now(timezone.utc) - EVENT_CLOCK_SLACK
     block = _read(call)
     if decide(block, call) is not Action.RENEW:
         return Outcome(block)
@@ -250,7 +255,9 @@ def _renew(call: Call) -> Outcome:
         return Outcome(error=TokenBlockError(disabled))
     bound = _bound(call)
     deadline = time.monotonic() + bound
-    with Listener(token_resource(call.block_name)["prefect.resource.id"]) as events:
+    resource = token_resource(call.block_name)["prefect.resource.id"]
+    failed = frozenset({RENEWAL_FAILED_EVENT})  # its cool-down may outlast the replay
+    with Listener(resource, since=since, keep_older=failed) as events:
         while True:
             with try_lease(call.block_name, bound) as held:
                 if held:

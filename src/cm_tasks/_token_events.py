@@ -42,7 +42,24 @@ class Heard:
 class Listener:
     """The events of one resource, heard in a background thread while the `with` lasts."""
 
-    def __init__(self, resource_id: str, *, name_prefix: str | None = None) -> None:
+    def __init__(
+        self,
+        resource_id: str,
+        *,
+        name_prefix: str | None = None,
+        since: datetime | None = None,
+        keep_older: frozenset[str] = frozenset(),
+    ) -> None:
+        """Listen to resource_id's events (those whose name starts with name_prefix).
+
+        Args:
+            resource_id: the `prefect.resource.id` to hear about.
+            name_prefix: only events whose name starts with this.
+            since: drop events that occurred before this: the stream replays the last minute
+                on connect, and an earlier renewal's outcome is not this wait's.
+            keep_older: event names kept however old (a failure whose cool-down may last).
+        """
+        self._since, self._keep_older = since, keep_older
         self._filter = EventFilter(
             resource=EventResourceFilter(id=[resource_id]),
             event=EventNameFilter(prefix=[name_prefix]) if name_prefix else None,
@@ -94,9 +111,14 @@ class Listener:
                 if self._closed:
                     return
                 async for event in sub:
+                    if self._old(event.event, event.occurred):
+                        continue
                     self._heard.put(Heard(event.event, event.occurred, dict(event.payload)))
         except BaseException:  # noqa: S110 - the waiter falls back to reads; nothing to report
             pass
         finally:
             self._heard.put(None)
             self._ready.set()
+
+    def _old(self, name: str, occurred: datetime) -> bool:
+        return self._since is not None and occurred < self._since and name not in self._keep_older

@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import pytest
+from prefect.events import emit_event
 
 from cm_tasks import (
     UnexpectedResponseError,
@@ -26,8 +27,9 @@ from cm_tasks import (
     get_stac_token,
     stac_http_client,
 )
-from cm_tasks.notify import publish_refreshed
+from cm_tasks.notify import publish_refreshed, token_resource
 from cm_tasks.testing import CarbonMapperEmulator, Fault
+from tests.support.prefect_api import api
 from tests.support.token_helpers import (
     CREATE_STAC,
     delete_token_block,
@@ -86,6 +88,13 @@ def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_pol
 
     emu = carbon_mapper_credentials
     save_token(emu, mint(emu), timedelta(minutes=20))  # within min_valid (1 h): stale
+    # An earlier renewal's outcome, which the stream replays on connect: not this wait's.
+    emit_event(
+        "carbon-mapper.stac-token.refreshed",
+        resource=token_resource("carbon-mapper-stac-token"),
+        occurred=datetime.now(timezone.utc) - timedelta(seconds=30),
+    )
+    _wait_until_stored("carbon-mapper.stac-token.refreshed", "carbon-mapper-stac-token")
     clear_token_cache()
     tries: list[float] = []
     real_take = _compat.take_slot
@@ -276,3 +285,13 @@ def test_a_refresh_run_running_longer_than_a_refresh_can_take_is_crashed_not_joi
         assert client.read_flow_run(dead.id).state_type.value == "CRASHED"
         assert caught.value.flow_run_id != str(dead.id)  # a new run, not the dead one
     assert emu.requests(CREATE_STAC) == 0
+
+
+def _wait_until_stored(event: str, block_name: str) -> None:
+    """Wait until the Prefect API has stored an event about the block (events come in batches)."""
+    resource = token_resource(block_name)["prefect.resource.id"]
+    query = {"filter": {"event": {"name": [event]}, "resource": {"id": [resource]}}}
+    deadline = time.monotonic() + 60
+    while not api("events/filter", query)["events"]:
+        assert time.monotonic() < deadline, f"{event} was not stored within 60 s"
+        time.sleep(0.2)
