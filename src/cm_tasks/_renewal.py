@@ -44,6 +44,7 @@ from cm_tasks.errors import (
     RefreshRunError,
     TokenBlockError,
     UnexpectedResponseError,
+    UnusableTokenError,
 )
 from cm_tasks.notify import token_resource
 from cm_tasks.refresh import resolve_request, run_refresh
@@ -372,8 +373,11 @@ def _fallback_wait(deadline: float) -> float:
 def _read(call: Call) -> CarbonMapperStacToken | None:
     """The block as saved in Prefect (every request bounded); another API's is an error."""
     _token_cache.count(reads=1)
-    with bounded_calls(f"read the token block {call.block_name!r}") as prefect:
-        block: CarbonMapperStacToken | None = prefect(load_token_block, call.block_name)
+    try:
+        with bounded_calls(f"read the token block {call.block_name!r}") as prefect:
+            block: CarbonMapperStacToken | None = prefect(load_token_block, call.block_name)
+    except UnusableTokenError:
+        return None  # renewed like a missing token: the renewal writes a usable one
     if block is not None and not same_api(block, call.api_url):
         raise ConfigurationError(_messages.api_mismatch(call.block_name, block, call.api_url))
     return block

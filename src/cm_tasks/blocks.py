@@ -12,7 +12,7 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from cm_tasks.client import IssuedStacToken, header_safe_token
-from cm_tasks.errors import TokenBlockError
+from cm_tasks.errors import TokenBlockError, UnusableTokenError
 
 
 class CarbonMapperStacToken(Block):
@@ -121,7 +121,7 @@ def load_token_block(block_name: str) -> CarbonMapperStacToken | None:
     except (ValidationError, RuntimeError) as exc:
         # Prefect raises RuntimeError from pydantic's ValidationError, whose message quotes
         # the stored values, the token included: neither is chained.
-        raise TokenBlockError(_unreadable(block_name, exc)) from None
+        raise _unreadable(block_name, exc) from None
     except json.JSONDecodeError:
         # A 200 that is not JSON (a proxy's or web app's page at PREFECT_API_URL) is no
         # "not found"; raised below, outside the except block, so the page is not kept.
@@ -140,19 +140,19 @@ def load_token_block(block_name: str) -> CarbonMapperStacToken | None:
     )
 
 
-def _unreadable(block_name: str, error: BaseException) -> str:
+def _unreadable(block_name: str, error: BaseException) -> TokenBlockError:
     """Why the block cannot be read as a token block, and the fix; never a stored value."""
     validation = error if isinstance(error, ValidationError) else error.__cause__
     if isinstance(validation, ValidationError) and any(
         problem["loc"] == ("token",) and problem["type"] == "value_error"
         for problem in validation.errors(include_input=False, include_url=False)
     ):
-        return (
+        return UnusableTokenError(
             f"The block {block_name!r} holds a token that cannot be sent: it is empty or has a "
             "space, control or non-ASCII character inside it (was it edited by hand?). Run the "
             "refresh-stac-token flow (or `cm-tasks refresh`) to write a new one."
         )
-    return (
+    return TokenBlockError(
         f"The block {block_name!r} exists but is not a readable CarbonMapperStacToken "
         "(saved with another schema?). Run the refresh-stac-token flow to write it again."
     )

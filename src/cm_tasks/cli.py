@@ -470,7 +470,13 @@ def emulator(
     """
     from cm_tasks.testing.__main__ import serve
 
-    serve(port, latency)
+    try:
+        serve(port, latency)
+    except OSError as exc:  # e.g. the port is taken
+        _fail(
+            f"Could not serve the emulator on 127.0.0.1:{port} ({exc.strerror or exc}). "
+            "Pick another port with --port (0 picks a free one)."
+        )
 
 
 @app.command()

@@ -7,6 +7,7 @@ password, a token or a request body.
     ├── ConfigurationError             a CM_* setting or a flow parameter is unusable
     ├── CredentialsBlockError          a Secret block with the account credentials is missing or bad
     ├── TokenBlockError                the token block is missing, unreadable or could not be saved
+    │   └── UnusableTokenError         it holds a token that cannot be sent: a refresh replaces it
     ├── RefreshRunError                the refresh deployment's run failed, crashed or was cancelled
     │   └── RefreshTimeoutError        the refresh run did not finish within CM_REFRESH_TIMEOUT
     └── CarbonMapperAPIError           the platform API answered with an error (or not at all)
@@ -50,6 +51,10 @@ class TokenBlockError(CarbonMapperError):
     def __init__(self, message: str, *, transient: bool = False):
         super().__init__(message)
         self.transient = transient
+
+
+class UnusableTokenError(TokenBlockError):
+    """The token block holds a token that cannot be sent (edited by hand?): refresh it."""
 
 
 class RefreshRunError(CarbonMapperError):

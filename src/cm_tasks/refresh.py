@@ -21,6 +21,8 @@ from cm_tasks.errors import BadCredentialsError, ConfigurationError
 from cm_tasks.notify import publish_refreshed
 from cm_tasks.settings import (
     DEFAULT_BASE_URL,
+    DEFAULT_EMAIL_BLOCK,
+    DEFAULT_PASSWORD_BLOCK,
     DEFAULT_TOKEN_LIFETIME_DAYS,
     MAX_LIFETIME_DAYS,
     MIN_LIFETIME_DAYS,
@@ -201,7 +203,7 @@ def _refresh(
             raise BadCredentialsError(
                 f"{exc} They were read from the Secret blocks {request.email_block!r} "
                 f"(e-mail) and {request.password_block!r} (password): update them with "
-                "`cm-tasks login` and run again.",
+                f"`{_login_command(request)}` and run again.",
                 status_code=exc.status_code,
                 endpoint=exc.endpoint,
             ) from None
@@ -236,3 +238,16 @@ def _warn_if_replacing_another_api(block_name: str, base_url: str) -> None:
             existing.base_url,
             base_url,
         )
+
+
+def _login_command(request: RefreshRequest) -> str:
+    """The `cm-tasks login` that writes the request's Secret blocks (it writes the defaults)."""
+    options = [
+        f"{option} {name}"
+        for option, name, default in (
+            ("--email-block", request.email_block, DEFAULT_EMAIL_BLOCK),
+            ("--password-block", request.password_block, DEFAULT_PASSWORD_BLOCK),
+        )
+        if name != default
+    ]
+    return " ".join(["cm-tasks login", *options])

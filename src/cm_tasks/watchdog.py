@@ -21,7 +21,12 @@ from prefect.events import emit_event
 from pydantic import BaseModel, ConfigDict, Field
 
 from cm_tasks.blocks import load_token_block
-from cm_tasks.errors import CarbonMapperError, ConfigurationError, TokenBlockError
+from cm_tasks.errors import (
+    CarbonMapperError,
+    ConfigurationError,
+    TokenBlockError,
+    UnusableTokenError,
+)
 from cm_tasks.notify import (
     EXPIRING_EVENT,
     artifact_key,
@@ -104,6 +109,7 @@ class TokenStatus(BaseModel):
     days_left: float | None = None
     scopes: list[str] = Field(default_factory=list)
     base_url: str | None = None
+    problem: str | None = None  # why a block that exists cannot be used (never its values)
 
     @property
     def ok(self) -> bool:
@@ -118,6 +124,8 @@ class TokenStatus(BaseModel):
                 f"MISSING: there is no CarbonMapperStacToken block named {self.token_block!r}. "
                 + refresh_hint(self.token_block)
             )
+        if self.problem is not None:
+            return f"{self.state.value}: {self.problem} " + refresh_hint(self.token_block)
         expiry = f"{self.expires_at:%Y-%m-%d %H:%M} UTC"
         what = f"The STAC token {self.token_name!r} in block {self.token_block!r}"
         if self.state is TokenState.EXPIRED:
@@ -160,7 +168,16 @@ def check_token(
     block_name = check_block_name("token_block", token_block)
     threshold = check_threshold(threshold_days)
     checked_at = now or datetime.now(timezone.utc)
-    token = load_token_block(block_name)
+    try:
+        token = load_token_block(block_name)
+    except UnusableTokenError as exc:  # as good as expired: the refresh replaces it
+        return TokenStatus(
+            state=TokenState.EXPIRED,
+            token_block=block_name,
+            threshold_days=threshold,
+            checked_at=checked_at,
+            problem=str(exc),
+        )
     if token is None:
         _confirm_not_found(block_name)
         return TokenStatus(

@@ -16,12 +16,13 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import BlockDocumentUpdate
 
-from cm_tasks import refresh_stac_token
+from cm_tasks import get_stac_token, refresh_stac_token
 from cm_tasks.access import clear_token_cache
 from cm_tasks.blocks import load_token_block
 from cm_tasks.errors import TokenBlockError
 from cm_tasks.ingest import _request, search_body, search_stac_items
 from cm_tasks.testing import CarbonMapperEmulator, Fault
+from cm_tasks.watchdog import TokenState, check_token
 from tests.support.leaks import Secrets, assert_no_leak, collect_secrets, wait_for_events
 from tests.support.token_helpers import mint, save_token, stored_token
 
@@ -113,3 +114,25 @@ async def test_a_request_error_quoting_the_header_carries_no_token(
 
     assert "withheld" in str(raised.value)
     assert_no_leak(Secrets({"token": token + "\n"}), exceptions=[raised.value])
+
+
+def test_a_block_with_an_unusable_token_is_renewable_not_stuck(
+    carbon_mapper_credentials: CarbonMapperEmulator,
+) -> None:
+    # The daily check calls it EXPIRED (so its event starts the refresh), and an inline
+    # get_stac_token() renews it like a missing token instead of failing every call.
+    emulator = carbon_mapper_credentials
+    token = mint(emulator)
+    save_token(emulator, token, timedelta(days=10), BLOCK)
+    _edit_token_by_hand(token[:20] + " " + token[20:])
+
+    status = check_token(BLOCK)
+    assert status.state is TokenState.EXPIRED
+    assert "cannot be sent" in status.message
+    assert "refresh" in status.message
+
+    clear_token_cache()
+    renewed = get_stac_token(BLOCK, refresh="inline")
+    assert renewed == emulator.issued_stac_tokens[-1] != token
+    assert load_token_block(BLOCK) is not None
+    assert_no_leak(Secrets({"token": token}), texts={"status": status.message})

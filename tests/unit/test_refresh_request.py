@@ -49,3 +49,22 @@ def test_short_lifetime_from_the_environment_warns(
 
     assert request.lifetime_days == 5
     assert "lifetime_days=5" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("blocks", "login"),
+    [
+        ({}, "cm-tasks login"),
+        (
+            {"email_block": "em-w", "password_block": "pw-w"},
+            "cm-tasks login --email-block em-w --password-block pw-w",
+        ),
+        ({"password_block": "pw-w"}, "cm-tasks login --password-block pw-w"),
+    ],
+)
+def test_the_wrong_password_advice_writes_the_blocks_the_run_read(
+    blocks: dict[str, str], login: str
+) -> None:
+    from cm_tasks.refresh import _login_command
+
+    assert _login_command(resolve_request(load_settings(), **blocks)) == login
