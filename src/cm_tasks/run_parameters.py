@@ -247,9 +247,9 @@ def deployment_parameters(names: list[str], settings: CarbonMapperSettings) -> d
     `CM_BASE_URL` included: the API a deployment's runs serve is the one it was deployed
     against, whatever the worker's own setting says.
 
-    Only settings that differ from the package default are listed: the others are the flow's
-    own defaults already. Use it where a deployment is made or served from an environment
-    whose `CM_*` settings its runs will also see.
+    Settings set in the environment, or differing from the package default, are listed: the
+    others are the flow's own defaults already. Use it where a deployment is made or served
+    from an environment whose `CM_*` settings its runs will also see.
 
     Example:
         ```python
@@ -263,6 +263,8 @@ def deployment_parameters(names: list[str], settings: CarbonMapperSettings) -> d
     for name in names:
         pair = PAIRS[name]
         setting = getattr(settings, pair.field)
-        if not pair.same(setting, pair.default):
+        # Set in the environment (even to the default: `CM_BASE_URL` naming production pins
+        # it against a worker's own), or differing from the default the form would show.
+        if pair.field in settings.model_fields_set or not pair.same(setting, pair.default):
             found[name] = setting
     return found

@@ -176,7 +176,9 @@ def test_outside_a_run_there_is_no_deployment() -> None:
 def test_deployment_parameters_list_the_settings_that_differ_from_the_defaults() -> None:
     names = list(PAIRS)
 
-    assert deployment_parameters(names, _settings(DEFAULTS)) == {}
+    assert deployment_parameters(names, CarbonMapperSettings()) == {}
+    # Given explicitly (CM_* set in the environment), a default is carried too.
+    assert deployment_parameters(names, _settings(DEFAULTS)) == DEFAULTS
     assert deployment_parameters(names, _settings(X)) == X
     assert deployment_parameters(["token_block"], _settings(X)) == {"token_block": "x-token"}
 
@@ -208,3 +210,17 @@ def test_run_form_schema_has_concrete_defaults_descriptions_and_limits(
         )
         assert properties["token_name"]["maxLength"] == 100
         assert "minLength" not in properties["token_name"]  # empty means the dated default
+
+
+def test_a_setting_given_explicitly_is_carried_even_when_it_is_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Deploying with CM_BASE_URL naming production pins it: a worker's own CM_BASE_URL then
+    # cannot send the runs elsewhere (a run parameter beats a setting).
+    from cm_tasks.run_parameters import deployment_parameters
+    from cm_tasks.settings import DEFAULT_BASE_URL, load_settings
+
+    monkeypatch.delenv("CM_TOKEN_BLOCK", raising=False)
+    monkeypatch.setenv("CM_BASE_URL", DEFAULT_BASE_URL)
+    carried = deployment_parameters(["base_url", "token_block"], load_settings())
+    assert carried == {"base_url": DEFAULT_BASE_URL}
