@@ -148,7 +148,7 @@ def save_token_block(emulator: Any, expires_in: timedelta, block: str = TOKEN_BL
 @contextmanager
 def serving(server: Any, proxy: CountingProxy, base_env: dict[str, str]) -> Iterator[None]:
     """`cm-tasks serve --no-watchdog` through the proxy's `serve` port, once it has deployed."""
-    from tests.prefect_server import stop_process_group
+    from tests.support.prefect_server import stop_process_group
 
     port = proxy.listen("serve")
     env = server.client_env(base_env)
@@ -487,7 +487,7 @@ def main() -> int:
     if args.quick:
         args.processes, args.renewal = 3, 1.0
 
-    from tests.prefect_server import running_prefect_server
+    from tests.support.prefect_server import running_prefect_server
 
     with tempfile.TemporaryDirectory() as tmp, running_prefect_server(Path(tmp)) as server:
         os.environ["PREFECT_API_URL"] = server.api_url  # this process: set-up, straight to the API

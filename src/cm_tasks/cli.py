@@ -180,16 +180,21 @@ def _api_location() -> str:
 def _prefect_error(exc: Exception) -> str:
     # Only the type and status: a Prefect API error body can quote the values sent.
     status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status == 404:  # a route the API lacks: the URL names no Prefect API (no /api?)
+        return f"{type(exc).__name__} 404 from {_api_location()}: " + _CHECK_API_URL
     return (
         f"{type(exc).__name__}{f' {status}' if status else ''} from {_api_location()}. "
         "Start a server (`prefect server start`) or set PREFECT_API_URL, then try again."
     )
 
 
+_CHECK_API_URL = "Check PREFECT_API_URL: it ends in /api, e.g. http://127.0.0.1:4200/api."
+
+
 def _not_an_api(exc: Exception) -> str:
     return (
-        f"{type(exc).__name__}: {_api_location()} does not answer as a Prefect API. Check "
-        "PREFECT_API_URL: it ends in /api, e.g. http://127.0.0.1:4200/api."
+        f"{type(exc).__name__}: {_api_location()} does not answer as a Prefect API. "
+        + _CHECK_API_URL
     )
 
 
