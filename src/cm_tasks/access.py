@@ -19,8 +19,8 @@ from cm_tasks.errors import ConfigurationError
 from cm_tasks.settings import (
     CarbonMapperSettings,
     RefreshMode,
+    check_block_name,
     load_settings,
-    validate_block_name,
     validate_refresh_mode,
 )
 
@@ -99,8 +99,8 @@ def get_stac_token(
             return len(httpx.get(href, headers=headers).content)
 
         @flow
-        def ingest(hrefs: list[str]) -> None:
-            download.map(hrefs).wait()
+        def ingest(hrefs: list[str]) -> int:
+            return sum(download.map(hrefs).result())  # raises if a download failed
         ```
     """
     token = run_steps(token_steps(block_name, min_valid, None, refresh))
@@ -176,7 +176,9 @@ def token_steps(
     """
     mode = check_refresh(refresh)  # before any call
     settings = load_settings()
-    name = settings.token_block if block_name is None else _check_block_name(block_name)
+    name = (
+        settings.token_block if block_name is None else check_block_name("block_name", block_name)
+    )
     key = (prefect_api(), name)
     api_url = base_url or settings.base_url
     entry = _token_cache.get(key)
@@ -200,13 +202,6 @@ def check_refresh(refresh: str | None) -> RefreshMode | None:
         return validate_refresh_mode(refresh)
     except ValueError as exc:
         raise ConfigurationError(f"refresh={refresh!r}: {exc}.") from None
-
-
-def _check_block_name(block_name: str) -> str:
-    try:
-        return validate_block_name(block_name)
-    except ValueError as exc:
-        raise ConfigurationError(f"block_name {block_name!r}: {exc}.") from None
 
 
 def _check_min_valid(min_valid: timedelta, settings: CarbonMapperSettings) -> None:
