@@ -265,7 +265,7 @@ def _renew(call: Call) -> Outcome:
                     return _renew_holding_lease(call)
             heard = events.next(_fallback_wait(deadline))
             if heard is not None and heard.name == RENEWAL_FAILED_EVENT:
-                failure = _their_failure(call, heard)
+                failure = _their_failure(call, heard, since)
                 if failure is not None:
                     return Outcome(error=failure)
             block = _read(call)
@@ -329,12 +329,14 @@ def _announce_failure(call: Call, error: Exception) -> None:
         emit_event(RENEWAL_FAILED_EVENT, resource=token_resource(call.block_name), payload=payload)
 
 
-def _their_failure(call: Call, heard: Heard) -> RefreshRunError | TokenBlockError | None:
+def _their_failure(
+    call: Call, heard: Heard, since: datetime
+) -> RefreshRunError | TokenBlockError | None:
     """The failure another process announced, if it is about this wait (or cools it down)."""
     retry_after = float(heard.payload.get("retry_after") or 0.0)
     age = (datetime.now(timezone.utc) - heard.occurred).total_seconds()
-    if age > max(retry_after, _bound(call)):
-        return None  # an old failure, sent again on connect: not this renewal's outcome
+    if age > retry_after and (heard.occurred < since or age > _bound(call)):
+        return None  # an earlier renewal's failure, replayed on connect, and not cooling down
     run_name, run_id = heard.payload.get("flow_run_name"), heard.payload.get("flow_run_id")
     message = heard.payload.get("message") or _messages.their_failure(
         call.block_name, str(heard.payload.get("error")), retry_after, run_name

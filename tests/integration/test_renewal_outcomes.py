@@ -87,14 +87,15 @@ def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_pol
     from cm_tasks._refresh_lease import try_lease
 
     emu = carbon_mapper_credentials
-    save_token(emu, mint(emu), timedelta(minutes=20))  # within min_valid (1 h): stale
+    block = "events-stream-token"  # its own: earlier tests' outcomes for other blocks stay out
+    save_token(emu, mint(emu), timedelta(minutes=20), block)  # within min_valid (1 h): stale
     # An earlier renewal's outcome, which the stream replays on connect: not this wait's.
     emit_event(
         "carbon-mapper.stac-token.refreshed",
-        resource=token_resource("carbon-mapper-stac-token"),
+        resource=token_resource(block),
         occurred=datetime.now(timezone.utc) - timedelta(seconds=30),
     )
-    _wait_until_stored("carbon-mapper.stac-token.refreshed", "carbon-mapper-stac-token")
+    _wait_until_stored("carbon-mapper.stac-token.refreshed", block)
     clear_token_cache()
     tries: list[float] = []
     real_take = _compat.take_slot
@@ -107,7 +108,7 @@ def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_pol
     held, release = threading.Event(), threading.Event()
 
     def another_process_renews() -> None:  # holds the lease as another process would
-        with try_lease("carbon-mapper-stac-token", 60) as mine:
+        with try_lease(block, 60) as mine:
             assert mine
             held.set()
             release.wait(60)
@@ -118,15 +119,15 @@ def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_pol
     with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as cleanup:
         cleanup.callback(holder.join, 60)
         cleanup.callback(release.set)
-        waiting = pool.submit(contextvars.copy_context().run, get_stac_token)
+        waiting = pool.submit(contextvars.copy_context().run, get_stac_token, block)
         deadline = time.monotonic() + 60
         while len(tries) < 2 and time.monotonic() < deadline:  # the holder's, then the waiter's
             time.sleep(0.05)
         time.sleep(3)  # not a wait for a state: the span in which a poller would ask again
         assert len(tries) == 2
-        renewed = save_token(emu, mint(emu), timedelta(days=13))
+        renewed = save_token(emu, mint(emu), timedelta(days=13), block)
         saved_at = time.monotonic()
-        publish_refreshed(renewed, "carbon-mapper-stac-token")
+        publish_refreshed(renewed, block)
         token = waiting.result(timeout=60)
         got_it_after = time.monotonic() - saved_at
     assert token == renewed.get()

@@ -91,3 +91,28 @@ def test_a_configuration_error_is_never_served_over() -> None:
     )
     with pytest.raises(ConfigurationError):
         _drive(call, Outcome(error=ConfigurationError("another API")))
+
+
+@pytest.mark.parametrize(
+    ("occurred_ago", "retry_after", "counts"),
+    [
+        (timedelta(seconds=-1), 0.0, True),  # during this wait: its outcome
+        (timedelta(minutes=5), 0.0, False),  # an earlier renewal's failure, replayed on connect
+        (timedelta(seconds=20), 60.0, True),  # earlier, but its cool-down still runs
+        (timedelta(minutes=5), 60.0, False),  # earlier, and cooled down
+    ],
+)
+def test_a_replayed_failure_counts_only_while_it_cools_down(
+    occurred_ago: timedelta, retry_after: float, counts: bool
+) -> None:
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT, Heard
+
+    now = datetime.now(timezone.utc)
+    heard = Heard(
+        RENEWAL_FAILED_EVENT,
+        now - occurred_ago,
+        {"error": "APIUnavailableError", "retry_after": retry_after, "transient": True},
+    )
+    failure = _renewal._their_failure(_call(), heard, since=now - timedelta(seconds=2))
+    assert (failure is not None) is counts
+    _token_cache.clear_token_cache()
