@@ -58,3 +58,24 @@ def emulator() -> Iterator[CarbonMapperEmulator]:
 
     with CarbonMapperEmulator() as emu:
         yield emu
+
+
+@pytest.fixture
+def no_deployments() -> Iterator[None]:
+    """Start and end without the cm-tasks deployments (the session's API is shared)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from cm_tasks.deployments import DEPLOYMENTS
+
+    def delete_all() -> None:
+        with get_client(sync_client=True) as client:
+            for spec in DEPLOYMENTS:
+                try:
+                    client.delete_deployment(client.read_deployment_by_name(spec.full_name).id)
+                except ObjectNotFound:
+                    continue
+
+    delete_all()
+    yield
+    delete_all()

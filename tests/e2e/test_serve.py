@@ -11,13 +11,10 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prefect.client.orchestration import get_client
-from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
 from cm_tasks.deployments import (
@@ -34,23 +31,6 @@ RUNNER_BANNER = "Your deployments are being served"
 def _read(full_name: str) -> Any:
     with get_client(sync_client=True) as client:
         return client.read_deployment_by_name(full_name)
-
-
-@pytest.fixture
-def no_deployments() -> Iterator[None]:
-    """Start and end without the cm-tasks deployments (the session's API is shared)."""
-
-    def delete_all() -> None:
-        with get_client(sync_client=True) as client:
-            for spec in DEPLOYMENTS:
-                try:
-                    client.delete_deployment(client.read_deployment_by_name(spec.full_name).id)
-                except ObjectNotFound:
-                    continue
-
-    delete_all()
-    yield
-    delete_all()
 
 
 def test_serve_registers_the_same_deployments_and_stops_cleanly_on_sigterm(

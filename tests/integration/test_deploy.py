@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,23 +24,6 @@ from cm_tasks.deployments import (
     serve,
 )
 from tests.support.deploy import api_record, spec_as_api
-
-
-@pytest.fixture
-def no_deployments() -> Iterator[None]:
-    """Start and end without the cm-tasks deployments (the session's API is shared)."""
-
-    def delete_all() -> None:
-        with get_client(sync_client=True) as client:
-            for spec in DEPLOYMENTS:
-                try:
-                    client.delete_deployment(client.read_deployment_by_name(spec.full_name).id)
-                except ObjectNotFound:
-                    continue
-
-    delete_all()
-    yield
-    delete_all()
 
 
 def _read(full_name: str) -> Any:

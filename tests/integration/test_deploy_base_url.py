@@ -6,31 +6,13 @@ worker started without CM_BASE_URL sent the run to the production API.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.exceptions import ObjectNotFound
 
 from cm_tasks.cli import main
-from cm_tasks.deployments import DAILY_CHECK, DEPLOYMENTS, WEEKLY_REFRESH, build_deployments
+from cm_tasks.deployments import DAILY_CHECK, WEEKLY_REFRESH, build_deployments
 
 STAGING = "https://staging.example.org/api/v1/"
-
-
-@pytest.fixture
-def no_deployments() -> Iterator[None]:
-    def delete_all() -> None:
-        with get_client(sync_client=True) as client:
-            for spec in DEPLOYMENTS:
-                try:
-                    client.delete_deployment(client.read_deployment_by_name(spec.full_name).id)
-                except ObjectNotFound:
-                    continue
-
-    delete_all()
-    yield
-    delete_all()
 
 
 def _parameters(full_name: str) -> dict[str, object]:
