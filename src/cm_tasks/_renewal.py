@@ -177,8 +177,8 @@ def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, 
         if outcome is None:  # only a caller with a servable token stops waiting
             late = TokenBlockError(f"not renewed within {PATIENCE_SECONDS:.0f} s", transient=True)
             return _failed(call, entry, late)
-        if outcome.error is not None:
-            return _failed(call, entry, outcome.error)
+        if outcome.error is not None:  # the flight's read may have cached a servable token
+            return _failed(call, _cached(call), outcome.error)
     entry = _cached(call)
     if entry is not None and entry.servable() and call.rejected is None:
         return entry.block.get()
@@ -382,7 +382,16 @@ def _read(call: Call) -> CarbonMapperStacToken | None:
         return None  # renewed like a missing token: the renewal writes a usable one
     if block is not None and not same_api(block, call.api_url):
         raise ConfigurationError(_messages.api_mismatch(call.block_name, block, call.api_url))
+    if block is not None:
+        _remember(call, block)
     return block
+
+
+def _remember(call: Call, block: CarbonMapperStacToken) -> None:
+    """Cache a block read from Prefect: a renewal that then fails can still serve its token."""
+    entry = _token_cache.get(call.key)
+    if entry is None or entry.block.get() != block.get():
+        _token_cache.put(call.key, Entry(block))
 
 
 @lru_cache(maxsize=64)

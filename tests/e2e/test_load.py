@@ -2,7 +2,8 @@
 
 Every process finds the token block expiring within `min_valid`, so every one of them wants a
 new token at the same moment. The per-process lock and the cross-process refresh lease must
-turn that into exactly one `create-stac` call, and every run must get that one valid token.
+turn that into exactly one `create-stac` call, and every run must get that one valid token
+(or, where the loaded Prefect server refused a lease call, the cached one, with a warning).
 """
 
 from __future__ import annotations
@@ -113,7 +114,17 @@ def test_fifty_concurrent_runs_share_one_refresh(
         assert sum(report["refreshes"] for report in reports) == 1
         new_token = emulator.issued_stac_tokens[-1]
         expected = hashlib.sha256(new_token.encode()).hexdigest()
-        assert set(results) == {(expected, 200)}
+        cached = hashlib.sha256(stale["token_value"].encode()).hexdigest()
+        assert {status for _, status in results} == {200}
+        assert (expected, 200) in results
+        # A Prefect server this loaded may answer 503 to a lease call: the one outage rule
+        # then serves the cached token, still valid, with a warning (and only then).
+        for report, (_out, err) in zip(reports, outputs, strict=True):
+            hashes = {h for h, _ in report["results"]}
+            assert hashes <= {expected, cached}
+            assert (cached in hashes) == ("Using the cached token" in err), err[-3000:]
+        served_cached = sum(1 for h, _ in results if h == cached)
+        print(f"\n50 concurrent runs: {served_cached} served the cached token (Prefect 503)")
         for out, err in outputs:
             for token in (*emulator.issued_stac_tokens, *emulator.issued_access_tokens):
                 assert token not in out + err

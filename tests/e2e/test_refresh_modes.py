@@ -532,7 +532,9 @@ def test_a_failed_refresh_run_is_every_callers_error_and_the_token_stays(
     assert [r["state_type"] for r in runs] == ["FAILED"]  # one run, not one per caller
     name = runs[0]["name"]
     results = [r for report in outputs for r in report["results"]]
-    assert [r.get("error_type") for r in results] == ["RefreshRunError"] * 8
+    assert [r.get("error_type") for r in results] == ["RefreshRunError"] * 8, [
+        r.get("error") for r in results
+    ]
     for result in results:
         assert f"refresh run '{name}'" in result["error"]
         assert "BadCredentialsError" in result["error"]

@@ -223,6 +223,37 @@ def test_a_prefect_api_hanging_on_concurrency_calls_serves_the_cached_token(
     assert "Using the cached token" in caplog.text
 
 
+def test_a_first_call_whose_lease_call_fails_serves_the_token_it_just_read(
+    carbon_mapper_credentials: CarbonMapperEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Nothing cached yet (a fresh ingest process); the block read works, the lease call fails
+    # (a loaded Prefect server answering 503). The token just read has 50 minutes left: the
+    # one outage rule serves it, as it would a cached one. Before, the caller got the error.
+    import httpx
+    from prefect.client.orchestration import SyncPrefectClient
+
+    emu = carbon_mapper_credentials
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "lease-refused-token")
+    stored = save_token(emu, mint(emu), timedelta(minutes=50), "lease-refused-token")
+    clear_token_cache()
+    calls = []
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        raise httpx.ConnectError("the Prefect API is overloaded")
+
+    for method in ("increment_concurrency_slots_with_lease", "increment_concurrency_slots"):
+        monkeypatch.setattr(SyncPrefectClient, method, refused, raising=False)
+    caplog.set_level(logging.WARNING)
+    assert get_stac_token() == stored.get()
+    assert calls  # the renewal was due and tried
+    assert "Using the cached token" in caplog.text
+    assert emu.requests(CREATE_STAC) == 0
+    assert stored.get() not in caplog.text
+
+
 def test_a_refresh_deployment_nobody_serves_does_not_hold_a_valid_cached_token(
     carbon_mapper_credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
