@@ -174,12 +174,18 @@ def _constrained() -> list[str]:
     return ["--requirement", str(Path(CONSTRAINTS).resolve())] if CONSTRAINTS else []
 
 
+def _pip_env() -> dict[str, str]:
+    """This environment without PYTHONPATH: a checkout's src/ on it (with the egg-info the
+    build leaves there) would make pip see cm-tasks as installed and install nothing."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def _pip_install_offline(venv: Path, wheel: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         # --no-compile: each module is compiled on first import instead, of fewer modules.
         [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-compile",
          "--no-index", "--find-links", str(WHEELHOUSE), *_constrained(), str(wheel)],
-        capture_output=True, text=True, check=False, timeout=INSTALL_TIMEOUT,
+        capture_output=True, text=True, check=False, timeout=INSTALL_TIMEOUT, env=_pip_env(),
     )  # fmt: skip
 
 
@@ -193,7 +199,7 @@ def fresh_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> FreshVe
         _run(
             [str(path / "bin" / "python"), "-m", "pip", "wheel", "--quiet",
              "--wheel-dir", str(WHEELHOUSE), *_constrained(), str(wheel)],
-            timeout=INSTALL_TIMEOUT,
+            timeout=INSTALL_TIMEOUT, env=_pip_env(),
         )  # fmt: skip
         # Never install a stale cm-tasks of the same version from the wheelhouse.
         for stale in WHEELHOUSE.glob("cm_tasks-*.whl"):
