@@ -10,6 +10,11 @@ The fresh venv's dependencies come from a wheelhouse kept between runs (`pip whe
 from the package index on the first run or when a requirement changes; later runs install
 offline with `--no-index`). Set CM_TASKS_TEST_WHEELHOUSE to put it elsewhere than
 `~/.cache/cm-tasks/test-wheelhouse`.
+
+CM_TASKS_TEST_CONSTRAINTS names a constraints file (constraints/prefect-X.Y.txt): the wheel is
+then installed with that team's environment on that Prefect. `.ci/compat` sets it in
+each leg, whose python (that version's Prefect) builds the venv and runs the tests, so that the
+fresh venv's client and server, and this test's own client, are all of that one version.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect import __version__ as prefect_version
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from cm_tasks import CarbonMapperStacToken
@@ -47,6 +53,7 @@ WHEELHOUSE = Path(
     / "cm-tasks"
     / "test-wheelhouse"
 )
+CONSTRAINTS = os.environ.get("CM_TASKS_TEST_CONSTRAINTS")
 POOL = "carbon-mapper"
 QUICK_RUN = {"state": {"type": "SCHEDULED", "message": "Run from the Prefect UI with defaults"}}
 INSTALL_TIMEOUT = 900.0
@@ -158,12 +165,27 @@ def test_the_sdist_holds_the_license_changelog_and_readme(dist: Path) -> None:
 # --- installing ---------------------------------------------------------------------------------
 
 
+def _constrained() -> list[str]:
+    """pip's arguments for the team's environment of CM_TASKS_TEST_CONSTRAINTS, if it is set.
+
+    The whole environment (-r), not only its pins: Prefect 3.2's CLI imports
+    `importlib_metadata` without declaring it, which a team's environment holds.
+    """
+    return ["--requirement", str(Path(CONSTRAINTS).resolve())] if CONSTRAINTS else []
+
+
+def _pip_env() -> dict[str, str]:
+    """This environment without PYTHONPATH: a checkout's src/ on it (with the egg-info the
+    build leaves there) would make pip see cm-tasks as installed and install nothing."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def _pip_install_offline(venv: Path, wheel: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         # --no-compile: each module is compiled on first import instead, of fewer modules.
         [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-compile",
-         "--no-index", "--find-links", str(WHEELHOUSE), str(wheel)],
-        capture_output=True, text=True, check=False, timeout=INSTALL_TIMEOUT,
+         "--no-index", "--find-links", str(WHEELHOUSE), *_constrained(), str(wheel)],
+        capture_output=True, text=True, check=False, timeout=INSTALL_TIMEOUT, env=_pip_env(),
     )  # fmt: skip
 
 
@@ -176,8 +198,8 @@ def fresh_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> FreshVe
         # First run, or a requirement changed: fetch the dependencies' wheels from the index.
         _run(
             [str(path / "bin" / "python"), "-m", "pip", "wheel", "--quiet",
-             "--wheel-dir", str(WHEELHOUSE), str(wheel)],
-            timeout=INSTALL_TIMEOUT,
+             "--wheel-dir", str(WHEELHOUSE), *_constrained(), str(wheel)],
+            timeout=INSTALL_TIMEOUT, env=_pip_env(),
         )  # fmt: skip
         # Never install a stale cm-tasks of the same version from the wheelhouse.
         for stale in WHEELHOUSE.glob("cm_tasks-*.whl"):
@@ -200,7 +222,14 @@ def test_the_installed_package_comes_from_the_fresh_venv(
         env=env,
     )
 
+    prefect = _run(["prefect", "--version"], cwd=where, env=env)
+
     assert version.stdout.strip() == f"cm-tasks {__version__}"
+    # The Prefect of the fresh venv (client and `prefect server start`) is the one under test:
+    # that of this test's own client, which the constraints pin in a compat leg.
+    assert prefect.stdout.strip() == prefect_version
+    if CONSTRAINTS:
+        assert f"prefect=={prefect_version}" in Path(CONSTRAINTS).read_text().splitlines()
     module_file, search_path = located.stdout.splitlines()
     assert module_file.startswith(str(fresh_venv.path))
     assert str(REPO_ROOT) not in search_path
