@@ -45,10 +45,19 @@ TOKEN_BLOCK_PARAMETER = "token_block"
 BASE_URL_PARAMETER = "base_url"
 """The refresh flow's parameter that names the API a run makes the token for."""
 
+FAILED_RUN_HOLD = timedelta(seconds=60)
+"""A run for the block that failed less than this long ago is a new caller's outcome too."""
 _RECENT_RUNS = 25
 _MAX_RUNS = 3  # one, and the runs a concurrency-limit cancel hands the wait over to
 _FALLBACK_SECONDS = 20.0  # a read of the run when its events stay silent that long
 _FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
+_RUN_EVENT = "prefect.flow-run."
+# Run events that cannot mean the run is final: its non-final states, and the heartbeat of
+# Prefect 3.4+ (any other name is read, to be safe).
+_NOT_FINAL = frozenset(
+    {"Scheduled", "Late", "AwaitingRetry", "AwaitingConcurrencySlot", "Pending", "Running"}
+    | {"Retrying", "Paused", "Suspended", "Cancelling", "heartbeat"}
+)
 
 
 def refresh_through_deployment(
@@ -120,8 +129,9 @@ class _Runs:
         return api_identity(str(theirs)) == api_identity(self.api_url)
 
     def joinable(self) -> FlowRun | None:
-        """A live run that renews our block, if any."""
-        run = self.live(self.serves_us)
+        """A live run that renews our block, or one that failed it moments ago, if any."""
+        runs = self._recent()
+        run = self.live(self.serves_us, runs)
         if run is not None:
             current_logger().info(
                 "Waiting for the refresh run %r of deployment %r, already renewing block %r.",
@@ -129,10 +139,17 @@ class _Runs:
                 self.settings.refresh_deployment,
                 self.block_name,
             )
-        return run
+            return run
+        # A caller that comes just after a run failed gets that run's failure: another run
+        # now would fail the same way (a wrong password, tried again by every late caller).
+        last = next((r for r in runs if self.serves_us(r) and r.state_type in _FINAL), None)
+        if last is None or last.state_type != StateType.FAILED or last.end_time is None:
+            return None
+        if datetime.now(timezone.utc) - last.end_time > FAILED_RUN_HOLD:
+            return None
+        return last
 
-    def live(self, wanted: Callable[[FlowRun], bool]) -> FlowRun | None:
-        """The newest live run that is wanted; a run stuck past the bound is crashed instead."""
+    def _recent(self) -> list[FlowRun]:
         horizon = datetime.now(timezone.utc) + timedelta(minutes=1)
         runs: list[FlowRun] = self.call(
             self.client.read_flow_runs,
@@ -143,7 +160,13 @@ class _Runs:
             sort=FlowRunSort.EXPECTED_START_TIME_DESC,
             limit=_RECENT_RUNS,
         )
-        for run in runs:
+        return runs
+
+    def live(
+        self, wanted: Callable[[FlowRun], bool], runs: list[FlowRun] | None = None
+    ) -> FlowRun | None:
+        """The newest live run that is wanted; a run stuck past the bound is crashed instead."""
+        for run in self._recent() if runs is None else runs:
             if run.state_type in _FINAL or run.state_type is None or not wanted(run):
                 continue
             if not self._stuck(run):
@@ -188,16 +211,20 @@ class _Runs:
         return run
 
     def wait_final(self, run: FlowRun, deadline: float) -> FlowRun:
-        """run once it is final: read when its events say so, or after a silence."""
-        with Listener(f"prefect.flow-run.{run.id}", name_prefix="prefect.flow-run.") as events:
+        """run once it is final: read when its events say it may be, or after a silence."""
+        with Listener(f"prefect.flow-run.{run.id}", name_prefix=_RUN_EVENT) as events:
+            read = True
             while True:
-                run = self.call(self.client.read_flow_run, run.id)
-                if run.state_type in _FINAL:
-                    return run
+                if read or time.monotonic() >= deadline:
+                    run = self.call(self.client.read_flow_run, run.id)
+                    if run.state_type in _FINAL:
+                        return run
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise _timeout(run, self.deployment, self.settings, self.block_name)
-                events.next(min(remaining, _FALLBACK_SECONDS))  # a state change, or silence
+                heard = events.next(min(remaining, _FALLBACK_SECONDS))
+                # Each read is a metered request: none for a state that is not final.
+                read = heard is None or heard.name.removeprefix(_RUN_EVENT) not in _NOT_FINAL
 
 
 def _other_than(run: FlowRun, other: FlowRun) -> bool:
@@ -227,12 +254,19 @@ def _run_error(run: FlowRun, runs: _Runs) -> RefreshRunError:
         f"The refresh run {run.name!r} of deployment {runs.settings.refresh_deployment!r} "
         f"{what}: {message.strip()} The token in block {runs.block_name!r} was not renewed. "
         "See that run's logs in the Prefect UI, fix the cause on the refresh side (its "
-        f"worker's credential blocks, `cm-tasks login`), then try again.{_hint(runs)}",
+        f"worker's credential blocks, `cm-tasks login`), then try again{_after(run)}."
+        f"{_hint(runs)}",
         flow_run_name=run.name,
         flow_run_id=str(run.id),
         state_type=_state_type(run),
         transient=run.state_type in (StateType.CRASHED, StateType.CANCELLED),
     )
+
+
+def _after(run: FlowRun) -> str:
+    if run.state_type != StateType.FAILED:
+        return ""
+    return f" (a new run starts {FAILED_RUN_HOLD.total_seconds():.0f} s after this one failed)"
 
 
 def _hint(runs: _Runs) -> str:

@@ -111,6 +111,7 @@ class Outcome:
     block: CarbonMapperStacToken | None = None
     error: Exception | None = None
     minted: bool = False  # this flight made the token
+    refused: bool = False  # mode `off` said no: a decision, not an outage to serve through
 
 
 @dataclass
@@ -178,7 +179,7 @@ def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, 
             late = TokenBlockError(f"not renewed within {PATIENCE_SECONDS:.0f} s", transient=True)
             return _failed(call, entry, late)
         if outcome.error is not None:  # the flight's read may have cached a servable token
-            return _failed(call, _cached(call), outcome.error)
+            return _failed(call, None if outcome.refused else _cached(call), outcome.error)
     entry = _cached(call)
     if entry is not None and entry.servable() and call.rejected is None:
         return entry.block.get()
@@ -253,7 +254,7 @@ def _renew(call: Call) -> Outcome:
         return Outcome(block)
     if call.mode == "off":
         disabled = _messages.refresh_disabled(call.block_name, block, call.min_valid)
-        return Outcome(error=TokenBlockError(disabled))
+        return Outcome(error=TokenBlockError(disabled), refused=True)
     bound = _bound(call)
     deadline = time.monotonic() + bound
     resource = token_resource(call.block_name)["prefect.resource.id"]

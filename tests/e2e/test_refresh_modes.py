@@ -183,6 +183,13 @@ def _stale_token(emulator: CarbonMapperEmulator) -> str:
     return token
 
 
+def _expired_token(emulator: CarbonMapperEmulator, block: str = TOKEN_BLOCK) -> str:
+    """Save a token that has expired (a valid one is served through a failed renewal)."""
+    token = mint(emulator)
+    save_token(emulator, token, -timedelta(minutes=1), block)
+    return token
+
+
 def _api(server: PrefectServer, method: str, path: str, body: Any = None) -> Any:
     """One REST call to the server, tried again on a 503 (SQLite busy on a loaded machine)."""
     with server.http() as http:
@@ -407,6 +414,8 @@ def test_off_fails_at_once_on_a_stale_or_missing_token_and_returns_a_fresh_one(
     before = emu.requests()
     with pytest.raises(TokenBlockError) as caught:
         get_stac_token()
+    with pytest.raises(TokenBlockError):
+        get_stac_token()  # the stale token, cached by the read, is not served either
     message = str(caught.value)
     assert f"block '{TOKEN_BLOCK}'" in message
     assert "expires at 20" in message  # the ISO expiry
@@ -507,20 +516,23 @@ def test_a_failed_refresh_run_is_every_callers_error_and_the_token_stays(
     asset_url: str,
     tmp_path: Path,
 ) -> None:
+    # A block of its own: a run that failed it holds every caller of that block for a minute.
+    block = "failed-run-token"
     with server.using():
-        old = _stale_token(emulator)
+        old = _expired_token(emulator, block)
         Secret(value="Wrong-Password-for-the-test").save(PASSWORD_BLOCK, overwrite=True)
     pairs, creates = emulator.requests(TOKEN_PAIR), emulator.requests(CREATE_STAC)
     since = datetime.now(timezone.utc)
+    env = {"CM_REFRESH_TIMEOUT": "120", "CM_TOKEN_BLOCK": block}
+    (tmp_path / "first").mkdir()
+    (tmp_path / "late").mkdir()
     try:
         outputs = _run_ingest(
-            server,
-            emulator,
-            tmp_path,
-            asset_url,
-            processes=2,
-            tasks=4,
-            extra_env={"CM_REFRESH_TIMEOUT": "120"},
+            server, emulator, tmp_path / "first", asset_url, processes=2, tasks=4, extra_env=env
+        )
+        # A caller that comes after the run failed gets its failure too: no second run.
+        late = _run_ingest(
+            server, emulator, tmp_path / "late", asset_url, processes=1, tasks=1, extra_env=env
         )
     finally:
         with server.using():
@@ -529,26 +541,26 @@ def test_a_failed_refresh_run_is_every_callers_error_and_the_token_stays(
             )
 
     runs = _runs(server, deployments[WEEKLY], since)
-    assert [r["state_type"] for r in runs] == ["FAILED"]  # one run, not one per caller
+    results = [r for report in outputs + late for r in report["results"]]
+    errors = [r.get("error") for r in results]
+    assert [r["state_type"] for r in runs] == ["FAILED"], errors  # one run, not one per caller
     name = runs[0]["name"]
-    results = [r for report in outputs for r in report["results"]]
-    assert [r.get("error_type") for r in results] == ["RefreshRunError"] * 8, [
-        r.get("error") for r in results
-    ]
+    assert [r.get("error_type") for r in results] == ["RefreshRunError"] * 9, errors
     for result in results:
         assert f"refresh run '{name}'" in result["error"]
         assert "BadCredentialsError" in result["error"]
+        assert "a new run starts 60 s after this one failed" in result["error"]
     with server.using():
-        assert stored_token() == old
+        assert stored_token(block) == old
     assert emulator.requests(TOKEN_PAIR) - pairs == 1  # a wrong password is not retried
     assert emulator.requests(CREATE_STAC) - creates == 0
-    _assert_no_credential_access(outputs, emulator)
+    _assert_no_credential_access(outputs + late, emulator)
     secrets = collect_secrets(
         emulator, extra={**account.as_dict(), "wrong": "Wrong-Password-for-the-test"}
     )
     assert_no_leak(
         secrets,
-        texts={f"ingest {n}": r["stdout"] + r["stderr"] for n, r in enumerate(outputs)},
+        texts={f"ingest {n}": r["stdout"] + r["stderr"] for n, r in enumerate(outputs + late)},
     )
     waits = sorted(r["waited"] for r in results)
     print(f"\nfailed refresh run: callers got the error after {waits[0]:.1f}-{waits[-1]:.1f} s")
@@ -560,7 +572,7 @@ def test_no_worker_times_out_saying_scheduled_but_not_picked_up(
     deployments: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    old = _stale_token(emulator)
+    old = _expired_token(emulator)
     monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", IDLE)
     monkeypatch.setenv("CM_REFRESH_TIMEOUT", "5")
     since = datetime.now(timezone.utc)
