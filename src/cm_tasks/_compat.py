@@ -95,3 +95,12 @@ def release_slot(client: SyncPrefectClient, slot: Slot, held_seconds: float) -> 
         client.release_concurrency_slots_with_lease(slot.lease_id)
     else:
         client.release_concurrency_slots(names=[slot.name], slots=1, occupancy_seconds=held_seconds)
+
+
+def stopped_before_start(exc: BaseException) -> bool:
+    """Whether exc is Prefect's runner refusing a SIGTERM that came while it was starting.
+
+    Prefect 3.2-3.4: the runner's SIGTERM handler calls `stop()`, which raises RuntimeError
+    ("Runner has not yet started") until the runner has started. Prefect 3.9 exits 0 instead.
+    """
+    return isinstance(exc, RuntimeError) and "Runner has not yet started" in str(exc)

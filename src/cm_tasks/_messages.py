@@ -102,6 +102,15 @@ def serving_stale(
     )
 
 
+def still_renewing(block_name: str, block: CarbonMapperStacToken, patience: float) -> str:
+    """A renewal is taking a while (nothing failed); the cached token, still valid, is used."""
+    return (
+        f"The renewal of the STAC token of block {block_name!r} is still running after "
+        f"{patience:.0f} s; using the cached token meanwhile, which expires at "
+        f"{block.expires_at.isoformat()}."
+    )
+
+
 def waited_too_long(block_name: str, bound: float) -> str:
     """Another process held the renewal lease for the whole bound."""
     return (

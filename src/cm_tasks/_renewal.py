@@ -51,6 +51,8 @@ from cm_tasks.refresh import resolve_request, run_refresh
 from cm_tasks.retry import unprocessed
 from cm_tasks.settings import CarbonMapperSettings, RefreshMode, api_identity, load_settings
 
+FlightKey = tuple[str | None, str, str]  # (Prefect API URL, block name, platform API)
+
 RENEWAL_GRACE = timedelta(minutes=15)
 """A token made less than this long ago is used even within min_valid: another is no better."""
 PATIENCE_SECONDS = 10.0
@@ -88,6 +90,11 @@ class Call:
 
     block_name = property(lambda self: self.key[1], doc="The token block.")
 
+    @property
+    def flight_key(self) -> FlightKey:
+        """Callers for one block but different platform APIs never share a renewal."""
+        return (*self.key, _api_id(self.api_url))
+
 
 def decide(block: CarbonMapperStacToken | None, call: Call, from_401: bool = False) -> Action:
     """The one decision: use the token, give the 401 back, or renew."""
@@ -120,6 +127,7 @@ class Flight:
 
     call: Call
     outcome: Outcome | None = None
+    served_meanwhile: bool = False  # a caller stopped waiting and took the cached token
     _done: threading.Event = field(default_factory=threading.Event)
     _wakers: list[asyncio.Future[None]] = field(default_factory=list)
 
@@ -128,7 +136,7 @@ class Flight:
         with _guard:
             self.outcome = outcome
             self._done.set()
-            _flights.pop(self.call.key, None)
+            _flights.pop(self.call.flight_key, None)
             wakers, self._wakers = self._wakers, []
         for waker in wakers:  # each on its own event loop, maybe another thread's or closed
             with suppress(RuntimeError):
@@ -151,7 +159,7 @@ class Flight:
         return self.outcome
 
 
-_flights: dict[Key, Flight] = {}
+_flights: dict[FlightKey, Flight] = {}
 _guard = threading.Lock()
 
 
@@ -176,8 +184,9 @@ def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, 
         flight = _flight_for(call)
         outcome = yield flight, (PATIENCE_SECONDS if servable else None)
         if outcome is None:  # only a caller with a servable token stops waiting
-            late = TokenBlockError(f"not renewed within {PATIENCE_SECONDS:.0f} s", transient=True)
-            return _failed(call, entry, late)
+            assert entry is not None
+            flight.served_meanwhile = True
+            return _meanwhile(call, entry)
         if outcome.error is not None:  # the flight's read may have cached a servable token
             return _failed(call, None if outcome.refused else _cached(call), outcome.error)
     entry = _cached(call)
@@ -217,13 +226,20 @@ def _failed(call: Call, entry: Entry | None, error: Exception) -> str:
     return entry.block.get()
 
 
+def _meanwhile(call: Call, entry: Entry) -> str:
+    """A renewal still running after PATIENCE_SECONDS (slow, not failed): the cached token."""
+    entry.retry_at = time.monotonic() + OUTAGE_RETRY_SECONDS  # the flight's outcome replaces it
+    current_logger().info(_messages.still_renewing(call.block_name, entry.block, PATIENCE_SECONDS))
+    return entry.block.get()
+
+
 def _flight_for(call: Call) -> Flight:
     """The flight renewing call's block in this process: joined, or started now."""
     with _guard:
-        flight = _flights.get(call.key)
+        flight = _flights.get(call.flight_key)
         if flight is not None:
             return flight
-        flight = _flights[call.key] = Flight(call)
+        flight = _flights[call.flight_key] = Flight(call)
     # The thread sees the caller's Prefect settings and run context (logs go to its run).
     context = contextvars.copy_context()
     threading.Thread(
@@ -241,6 +257,12 @@ def _fly(flight: Flight) -> None:
     if outcome.block is not None:
         from_401 = outcome.minted and call.rejected is not None
         _token_cache.put(call.key, Entry(outcome.block, from_401=from_401))
+    entry = _cached(call)
+    if outcome.error is not None and flight.served_meanwhile and entry is not None:
+        # Its callers left with the cached token while it ran: the failure is said here.
+        retry = max(entry.retry_at - time.monotonic(), 0.0)
+        message = _messages.serving_stale(call.block_name, outcome.error, entry.block, retry)
+        current_logger().warning(message)
     flight.finish(outcome)
 
 

@@ -62,8 +62,9 @@ def get_stac_token(
     - `off`: a `TokenBlockError` says how to refresh; nothing is called.
 
     In every mode, while the platform API, the Prefect API or the refresh deployment is down
-    or slow, a cached token that has not expired is returned (with a warning) instead of an
-    error, after at most 10 s.
+    or slow, or a renewal fails for any reason but a configuration error, a cached token that
+    has not expired is returned instead of an error (with a warning when something failed),
+    after at most 10 s.
 
     Args:
         block_name: the `CarbonMapperStacToken` block; default `CM_TOKEN_BLOCK`

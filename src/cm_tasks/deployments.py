@@ -480,6 +480,13 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
     except (KeyboardInterrupt, SystemExit):
         _pause_served(deployment_specs(watchdog))
         raise
+    except RuntimeError as exc:
+        from cm_tasks._compat import stopped_before_start
+
+        if not stopped_before_start(exc):
+            raise
+        _pause_served(deployment_specs(watchdog))
+        raise SystemExit(0) from None  # what Prefect 3.9 does with a SIGTERM while starting
     _pause_served(deployment_specs(watchdog))
 
 

@@ -263,3 +263,30 @@ def test_a_deployment_refresh_run_is_created_once_when_prefect_sends_the_post_ag
     )
     assert None not in keys
     assert len(set(keys)) == 2
+
+
+@pytest.mark.parametrize("message", ["Runner has not yet started. Please start it", "other"])
+def test_a_sigterm_while_prefects_runner_starts_stops_serve_cleanly(
+    monkeypatch: pytest.MonkeyPatch, message: str
+) -> None:
+    # Prefect 3.2-3.4: a SIGTERM after the runner's banner but before it has started makes
+    # its handler raise RuntimeError("Runner has not yet started"). Seen in the 3.4 compat
+    # leg: `cm-tasks serve` exited 1 with a traceback. It now stops as Prefect 3.9 does
+    # (exit 0), the schedules paused; any other RuntimeError is still raised.
+    from cm_tasks import deployments
+
+    def starting(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(message)
+
+    paused: list[Any] = []
+    monkeypatch.setattr(prefect, "serve", starting)
+    monkeypatch.setattr(deployments, "_pause_served", paused.append)
+    if message == "other":
+        with pytest.raises(RuntimeError, match="other"):
+            deployments.serve(watchdog=False)
+        assert paused == []
+        return
+    with pytest.raises(SystemExit) as stopped:
+        deployments.serve(watchdog=False)
+    assert stopped.value.code == 0
+    assert [spec.full_name for spec in paused[0]] == ["refresh-stac-token/weekly"]

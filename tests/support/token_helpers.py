@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from datetime import date, datetime, timedelta, timezone
 
 from prefect.client.orchestration import get_client
@@ -18,6 +19,22 @@ TOKEN_BLOCK = "carbon-mapper-stac-token"
 # A token value no test expects to see printed, logged or raised.
 SENTINEL_TOKEN = "sentinel-stac-token-must-never-show-0123456789"
 CREATE_STAC = "account/tokens/create-stac"
+
+
+def wait_for_renewals(block_name: str = TOKEN_BLOCK, timeout: float = 120.0) -> None:
+    """Wait until no renewal of block_name on the current Prefect API runs in this process.
+
+    A caller with a valid cached token stops waiting after 10 s; a renewal that then fails
+    says so in a warning of its own, logged before it ends.
+    """
+    from cm_tasks import _renewal
+    from cm_tasks._prefect_calls import prefect_api
+
+    deadline = time.monotonic() + timeout
+    for key, flight in list(_renewal._flights.items()):
+        if key[:2] == (prefect_api(), block_name):  # this Prefect API's: not another test's
+            outcome = flight.wait(max(deadline - time.monotonic(), 0.0))
+            assert outcome is not None, f"a renewal of {block_name!r} still runs after {timeout} s"
 
 
 def utc_today() -> date:
