@@ -142,7 +142,9 @@ class _Runs:
             return run
         # A caller that comes just after a run failed gets that run's failure: another run
         # now would fail the same way (a wrong password, tried again by every late caller).
-        last = next((r for r in runs if self.serves_us(r) and r.state_type in _FINAL), None)
+        # A run the deployment's limit cancelled (a duplicate) says nothing: look past it.
+        ended = (r for r in runs if r.state_type in _FINAL - {StateType.CANCELLED})
+        last = next((r for r in ended if self.serves_us(r)), None)
         if last is None or last.state_type != StateType.FAILED or last.end_time is None:
             return None
         if datetime.now(timezone.utc) - last.end_time > FAILED_RUN_HOLD:
@@ -254,7 +256,7 @@ def _run_error(run: FlowRun, runs: _Runs) -> RefreshRunError:
         f"The refresh run {run.name!r} of deployment {runs.settings.refresh_deployment!r} "
         f"{what}: {message.strip()} The token in block {runs.block_name!r} was not renewed. "
         "See that run's logs in the Prefect UI, fix the cause on the refresh side (its "
-        f"worker's credential blocks, `cm-tasks login`), then try again{_after(run)}."
+        f"worker's credential blocks, `cm-tasks login`), then try again{_after(run)}"
         f"{_hint(runs)}",
         flow_run_name=run.name,
         flow_run_id=str(run.id),
@@ -265,8 +267,9 @@ def _run_error(run: FlowRun, runs: _Runs) -> RefreshRunError:
 
 def _after(run: FlowRun) -> str:
     if run.state_type != StateType.FAILED:
-        return ""
-    return f" (a new run starts {FAILED_RUN_HOLD.total_seconds():.0f} s after this one failed)"
+        return "."
+    hold = FAILED_RUN_HOLD.total_seconds()
+    return f": until {hold:.0f} s after this run failed, callers get its failure, not a new run."
 
 
 def _hint(runs: _Runs) -> str:

@@ -131,10 +131,26 @@ class Flight:
     _done: threading.Event = field(default_factory=threading.Event)
     _wakers: list[asyncio.Future[None]] = field(default_factory=list)
 
-    def finish(self, outcome: Outcome) -> None:
-        """Record the outcome and wake every waiter, threads and event loops alike."""
+    def settle(self, outcome: Outcome) -> bool:
+        """Record the outcome; returns whether a caller left early with its cached token.
+
+        From here a caller that stops waiting takes the outcome instead (`leave_early`).
+        """
         with _guard:
             self.outcome = outcome
+            return self.served_meanwhile
+
+    def leave_early(self) -> tuple[Outcome | None, bool]:
+        """A caller stops waiting: the outcome if it came meanwhile, and whether it is the first."""
+        with _guard:
+            if self.outcome is not None:
+                return self.outcome, False
+            first, self.served_meanwhile = not self.served_meanwhile, True
+            return None, first
+
+    def finish(self) -> None:
+        """Wake every waiter of the settled outcome, threads and event loops alike."""
+        with _guard:
             self._done.set()
             _flights.pop(self.call.flight_key, None)
             wakers, self._wakers = self._wakers, []
@@ -182,11 +198,14 @@ def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, 
             return _failed(call, entry, cooling)
         servable = entry is not None and call.rejected is None and entry.servable()
         flight = _flight_for(call)
-        outcome = yield flight, (PATIENCE_SECONDS if servable else None)
+        # A caller with a servable token waits PATIENCE_SECONDS at most, once per renewal.
+        patience = 0.0 if flight.served_meanwhile else PATIENCE_SECONDS
+        outcome = yield flight, (patience if servable else None)
         if outcome is None:  # only a caller with a servable token stops waiting
             assert entry is not None
-            flight.served_meanwhile = True
-            return _meanwhile(call, entry)
+            outcome, first = flight.leave_early()
+            if outcome is None:
+                return _meanwhile(call, entry, first)
         if outcome.error is not None:  # the flight's read may have cached a servable token
             return _failed(call, None if outcome.refused else _cached(call), outcome.error)
     entry = _cached(call)
@@ -226,10 +245,11 @@ def _failed(call: Call, entry: Entry | None, error: Exception) -> str:
     return entry.block.get()
 
 
-def _meanwhile(call: Call, entry: Entry) -> str:
+def _meanwhile(call: Call, entry: Entry, first: bool) -> str:
     """A renewal still running after PATIENCE_SECONDS (slow, not failed): the cached token."""
-    entry.retry_at = time.monotonic() + OUTAGE_RETRY_SECONDS  # the flight's outcome replaces it
-    current_logger().info(_messages.still_renewing(call.block_name, entry.block, PATIENCE_SECONDS))
+    if first:  # said once per renewal, not once per caller
+        message = _messages.still_renewing(call.block_name, entry.block, PATIENCE_SECONDS)
+        current_logger().info(message)
     return entry.block.get()
 
 
@@ -257,13 +277,18 @@ def _fly(flight: Flight) -> None:
     if outcome.block is not None:
         from_401 = outcome.minted and call.rejected is not None
         _token_cache.put(call.key, Entry(outcome.block, from_401=from_401))
+    left_early = flight.settle(outcome)
     entry = _cached(call)
-    if outcome.error is not None and flight.served_meanwhile and entry is not None:
-        # Its callers left with the cached token while it ran: the failure is said here.
-        retry = max(entry.retry_at - time.monotonic(), 0.0)
-        message = _messages.serving_stale(call.block_name, outcome.error, entry.block, retry)
-        current_logger().warning(message)
-    flight.finish(outcome)
+    if outcome.error is not None and left_early and entry is not None:
+        # Its callers left with the cached token while it ran: the failure is said here, and
+        # backed off from as a caller's would be.
+        entry.retry_at = time.monotonic() + OUTAGE_RETRY_SECONDS
+        current_logger().warning(
+            _messages.serving_stale(
+                call.block_name, outcome.error, entry.block, OUTAGE_RETRY_SECONDS
+            )
+        )
+    flight.finish()
 
 
 def _renew(call: Call) -> Outcome:

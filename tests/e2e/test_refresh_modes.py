@@ -549,7 +549,7 @@ def test_a_failed_refresh_run_is_every_callers_error_and_the_token_stays(
     for result in results:
         assert f"refresh run '{name}'" in result["error"]
         assert "BadCredentialsError" in result["error"]
-        assert "a new run starts 60 s after this one failed" in result["error"]
+        assert "until 60 s after this run failed, callers get its failure" in result["error"]
     with server.using():
         assert stored_token(block) == old
     assert emulator.requests(TOKEN_PAIR) - pairs == 1  # a wrong password is not retried

@@ -417,3 +417,82 @@ def test_callers_for_two_platform_apis_never_share_a_renewal(
     assert token == stored_token("two-apis-token")
     assert isinstance(error, ConfigurationError)
     assert "127.0.0.1:9" in str(error)
+
+
+def test_a_slow_failing_renewal_stalls_callers_once_and_its_failure_backs_off(
+    carbon_mapper_credentials: CarbonMapperEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The platform answers 503 with back-off (1 s, then 2 s): the renewal outlasts the
+    # patience, then fails. The first caller waits the patience once; a caller after it takes
+    # the cached token at once (before, each waited again); the failure is one warning, and
+    # the next call within 30 s does not try again (before, it did at once).
+    from cm_tasks import _renewal
+
+    emu = carbon_mapper_credentials
+    block = "slow-failing-token"
+    monkeypatch.setenv("CM_TOKEN_BLOCK", block)
+    monkeypatch.setenv("CM_RETRY_BACKOFF", "1")
+    monkeypatch.setenv("CM_MAX_ATTEMPTS", "3")
+    cached = save_token(emu, mint(emu), timedelta(minutes=50), block).get()
+    clear_token_cache()
+    assert get_stac_token(min_valid=timedelta(minutes=10)) == cached
+    monkeypatch.setattr(_renewal, "PATIENCE_SECONDS", 2.0)
+    emu.fail(TOKEN_PAIR, Fault.status(503, times=100))
+    caplog.set_level(logging.INFO)
+
+    assert get_stac_token() == cached  # after the patience
+    assert get_stac_token() == cached  # at once: the renewal has not ended yet
+    renewing = [key for key in _renewal._flights if key[1] == block]
+    assert renewing, "the second call waited for the renewal to end"
+    wait_for_renewals(block)
+    pairs = emu.requests(TOKEN_PAIR)
+    assert pairs == 3  # one renewal, its three attempts
+    assert get_stac_token() == cached  # backed off: no new renewal
+    assert emu.requests(TOKEN_PAIR) == pairs
+
+    assert caplog.text.count("is still running after") == 1
+    assert caplog.text.count("Using the cached token") == 1
+    assert "trying again in 30 s" in caplog.text
+    assert cached not in caplog.text
+
+
+def test_a_run_the_limit_cancelled_after_a_failed_one_does_not_lift_the_hold(
+    carbon_mapper_credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refresh run failed (a wrong password); a newer run for the same block was cancelled
+    # by the deployment's limit (CANCEL_NEW) while the first held the slot. A caller now gets
+    # the failed run's error, not a new run: the cancelled duplicate says nothing.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.states import Cancelled, Failed
+
+    from cm_tasks import RefreshRunError
+
+    emu = carbon_mapper_credentials
+    parameters = {"token_block": "held-token"}
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_work_pool(WorkPoolCreate(name="held", type="process"))
+        flow_id = client.create_flow_from_name("refresh-stac-token")
+        deployment_id = client.create_deployment(flow_id, "held", work_pool_name="held")
+        failed = client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+        client.set_flow_run_state(failed.id, Failed(message="BadCredentialsError"), force=True)
+        duplicate = client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+        client.set_flow_run_state(duplicate.id, Cancelled(), force=True)
+        before = len(client.read_flow_runs())
+    monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/held")
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "held-token")
+    delete_token_block("held-token")
+    clear_token_cache()
+
+    with pytest.raises(RefreshRunError) as caught:
+        get_stac_token(refresh="deployment")
+
+    assert caught.value.flow_run_id == str(failed.id)
+    assert "callers get its failure, not a new run" in str(caught.value)
+    with get_client(sync_client=True) as client:
+        assert len(client.read_flow_runs()) == before  # no run started
+    assert emu.requests(CREATE_STAC) == 0
