@@ -628,10 +628,18 @@ def serve(
     """
     _settings(EXIT_USAGE)  # a bad CM_* setting is a usage error, before any Prefect call
     _out().print(f"Serving from this process, with {_api_location()}.", highlight=False)
-    # Until Prefect's runner installs its own handler: SIGTERM stops like Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # While Prefect loads, a SIGTERM is only noted: raised inside its import, a KeyboardInterrupt
+    # surfaces wrapped in another error (pydantic's), as a failure with a traceback.
+    stop_asked: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: stop_asked.append(signum))
     try:
         with _prefect_call("Could not serve", quiet=False):  # the runner's lines are its output
+            from prefect import serve as _load_prefects_runner  # noqa: F401
+
+            # Then, until Prefect's runner installs its own handler: SIGTERM stops like Ctrl-C.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            if stop_asked:
+                raise KeyboardInterrupt
             deployments.serve(watchdog=watchdog, self_heal=self_heal)
     except KeyboardInterrupt:
         pass
