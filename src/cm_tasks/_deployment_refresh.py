@@ -145,9 +145,11 @@ class _Runs:
         # A run the deployment's limit cancelled (a duplicate) says nothing: look past it.
         ended = (r for r in runs if r.state_type in _FINAL - {StateType.CANCELLED})
         last = next((r for r in ended if self.serves_us(r)), None)
-        if last is None or last.state_type != StateType.FAILED or last.end_time is None:
+        if last is None or last.state_type != StateType.FAILED:
             return None
-        if datetime.now(timezone.utc) - last.end_time > FAILED_RUN_HOLD:
+        # Prefect 3.2 sets no end time on a run failed before it started: the state's time.
+        failed_at = last.end_time or (last.state.timestamp if last.state else None)
+        if failed_at is None or datetime.now(timezone.utc) - failed_at > FAILED_RUN_HOLD:
             return None
         return last
 

@@ -203,9 +203,13 @@ def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, 
         outcome = yield flight, (patience if servable else None)
         if outcome is None:  # only a caller with a servable token stops waiting
             assert entry is not None
-            outcome, first = flight.leave_early()
-            if outcome is None:
-                return _meanwhile(call, entry, first)
+            if entry.servable():
+                outcome, first = flight.leave_early()
+                if outcome is None:
+                    return _meanwhile(call, entry, first)
+            else:  # it expired while this caller waited: only the renewal can answer now
+                outcome = yield flight, None
+            assert outcome is not None
         if outcome.error is not None:  # the flight's read may have cached a servable token
             return _failed(call, None if outcome.refused else _cached(call), outcome.error)
     entry = _cached(call)
@@ -279,14 +283,13 @@ def _fly(flight: Flight) -> None:
         _token_cache.put(call.key, Entry(outcome.block, from_401=from_401))
     left_early = flight.settle(outcome)
     entry = _cached(call)
-    if outcome.error is not None and left_early and entry is not None:
+    error = outcome.error
+    if error is not None and left_early and entry is not None:
         # Its callers left with the cached token while it ran: the failure is said here, and
         # backed off from as a caller's would be.
         entry.retry_at = time.monotonic() + OUTAGE_RETRY_SECONDS
         current_logger().warning(
-            _messages.serving_stale(
-                call.block_name, outcome.error, entry.block, OUTAGE_RETRY_SECONDS
-            )
+            _messages.serving_stale(call.block_name, error, entry.block, OUTAGE_RETRY_SECONDS)
         )
     flight.finish()
 

@@ -458,6 +458,29 @@ def test_a_slow_failing_renewal_stalls_callers_once_and_its_failure_backs_off(
     assert cached not in caplog.text
 
 
+def test_a_token_that_expires_during_the_patience_is_not_served(
+    carbon_mapper_credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by a reviewer: the cached token had 6 s left, the renewal was slow, and after
+    # its patience the caller was handed the token that had expired meanwhile.
+    from cm_tasks import _renewal
+
+    emu = carbon_mapper_credentials
+    block = "expires-while-waiting"
+    monkeypatch.setenv("CM_TOKEN_BLOCK", block)
+    cached = save_token(emu, mint(emu), timedelta(seconds=5), block).get()
+    clear_token_cache()
+    assert get_stac_token(min_valid=timedelta(seconds=1)) == cached
+    monkeypatch.setattr(_renewal, "PATIENCE_SECONDS", 7.0)
+    emu.fail(TOKEN_PAIR, Fault.delay(9))
+    made = emu.requests(CREATE_STAC)
+
+    token = get_stac_token()
+
+    assert token != cached  # the renewed one, after waiting for it
+    assert emu.requests(CREATE_STAC) == made + 1
+
+
 def test_a_run_the_limit_cancelled_after_a_failed_one_does_not_lift_the_hold(
     carbon_mapper_credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
