@@ -191,8 +191,9 @@ def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, 
             action = decide(entry.block, call, entry.from_401)
             if action is not Action.RENEW:
                 return _use(call, entry, action)
-            if call.rejected is None and entry.backing_off():
-                return entry.block.get()
+            failure = entry.recent_failure()
+            if call.rejected is None and failure is not None:
+                return _failed(call, entry, failure)
         cooling = _token_cache.cooling(call.key)
         if cooling is not None:
             return _failed(call, entry, cooling)
@@ -237,16 +238,24 @@ def _use(call: Call, entry: Entry, action: Action) -> str | None:
 
 
 def _failed(call: Call, entry: Entry | None, error: Exception) -> str:
-    """The one outage rule: a token that has not expired is served; otherwise the error."""
-    serve = entry is not None and call.rejected is None and entry.servable()
-    if not serve or isinstance(error, ConfigurationError):
+    """The one outage rule: a token that has not expired is served; otherwise the error.
+
+    A configuration error is raised whatever the token: no outage, nothing to wait out.
+    """
+    if entry is None or call.rejected is not None or not entry.servable():
         raise error
-    assert entry is not None
-    entry.retry_at = time.monotonic() + OUTAGE_RETRY_SECONDS
-    current_logger().warning(
-        _messages.serving_stale(call.block_name, error, entry.block, OUTAGE_RETRY_SECONDS)
-    )
+    _back_off(call, entry, error)
+    if isinstance(error, ConfigurationError):
+        raise error
     return entry.block.get()
+
+
+def _back_off(call: Call, entry: Entry, error: Exception) -> None:
+    """For OUTAGE_RETRY_SECONDS callers get error's answer without a renewal; said once."""
+    if entry.back_off(error, OUTAGE_RETRY_SECONDS) and not isinstance(error, ConfigurationError):
+        current_logger().warning(
+            _messages.serving_stale(call.block_name, error, entry.block, OUTAGE_RETRY_SECONDS)
+        )
 
 
 def _meanwhile(call: Call, entry: Entry, first: bool) -> str:
@@ -284,13 +293,10 @@ def _fly(flight: Flight) -> None:
     left_early = flight.settle(outcome)
     entry = _cached(call)
     error = outcome.error
-    if error is not None and left_early and entry is not None:
+    if error is not None and left_early and entry is not None and entry.servable():
         # Its callers left with the cached token while it ran: the failure is said here, and
-        # backed off from as a caller's would be.
-        entry.retry_at = time.monotonic() + OUTAGE_RETRY_SECONDS
-        current_logger().warning(
-            _messages.serving_stale(call.block_name, error, entry.block, OUTAGE_RETRY_SECONDS)
-        )
+        # the next callers get its answer (a configuration error is theirs to see).
+        _back_off(call, entry, error)
     flight.finish()
 
 

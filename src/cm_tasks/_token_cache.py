@@ -26,15 +26,24 @@ class Entry:
     block: CarbonMapperStacToken
     from_401: bool = False  # made by a renewal after a 401: a 401 on it is not renewed again
     retry_at: float = 0.0  # monotonic time before which a failed renewal is not tried again
+    failure: Exception | None = None  # why that renewal failed
     warned: bool = False  # the "within min_valid, used anyway" warning was logged
 
     def servable(self) -> bool:
         """Whether the token may still be sent (it has not expired)."""
         return not self.block.expires_within(timedelta(0))
 
-    def backing_off(self) -> bool:
-        """Whether a renewal failed moments ago (serve this token rather than try again)."""
-        return self.retry_at > time.monotonic() and self.servable()
+    def recent_failure(self) -> Exception | None:
+        """A renewal's failure of moments ago: callers get its answer rather than try again."""
+        return self.failure if self.retry_at > time.monotonic() and self.servable() else None
+
+    def back_off(self, error: Exception, seconds: float) -> bool:
+        """Remember error for seconds; False if a failure is remembered already (said once)."""
+        with _guard:
+            if self.recent_failure() is not None:
+                return False
+            self.retry_at, self.failure = time.monotonic() + seconds, error
+            return True
 
 
 _entries: dict[Key, Entry] = {}

@@ -458,6 +458,86 @@ def test_a_slow_failing_renewal_stalls_callers_once_and_its_failure_backs_off(
     assert cached not in caplog.text
 
 
+def test_a_configuration_error_after_every_caller_left_is_the_next_callers_error(
+    carbon_mapper_credentials: CarbonMapperEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found by a reviewer: the renewal outlasted the patience (its caller left with the
+    # cached token), then failed on the configuration. Before, that failure backed off like
+    # an outage: callers got the cached token for 30 s, with a warning about trying again.
+    from cm_tasks import ConfigurationError, _renewal
+
+    emu = carbon_mapper_credentials
+    block = "misconfigured-slow-token"
+    monkeypatch.setenv("CM_TOKEN_BLOCK", block)
+    cached = save_token(emu, mint(emu), timedelta(minutes=50), block).get()
+    clear_token_cache()
+    assert get_stac_token(min_valid=timedelta(minutes=10)) == cached
+    monkeypatch.setattr(_renewal, "PATIENCE_SECONDS", 0.5)
+    mints = []
+
+    def misconfigured(call: Any) -> Any:
+        mints.append(call)
+        time.sleep(1.5)
+        raise ConfigurationError("CM_BASE_URL names no Carbon Mapper API: set it to ...")
+
+    monkeypatch.setattr(_renewal, "_mint", misconfigured)
+    caplog.set_level(logging.INFO)
+
+    assert get_stac_token() == cached  # left after the patience
+    wait_for_renewals(block)
+    for _ in range(2):  # the next callers see it, without renewing again meanwhile
+        with pytest.raises(ConfigurationError, match="CM_BASE_URL names no"):
+            get_stac_token()
+
+    assert len(mints) == 1
+    assert "Using the cached token" not in caplog.text
+    assert cached not in caplog.text
+
+
+def test_a_renewal_failure_many_callers_waited_for_is_one_warning(
+    carbon_mapper_credentials: CarbonMapperEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found by a reviewer: 50 callers inside their patience when the renewal failed logged
+    # 18 "trying again in 30 s" warnings; one failure is one warning.
+    from cm_tasks import APIUnavailableError, _renewal
+
+    emu = carbon_mapper_credentials
+    block = "many-waiters-token"
+    monkeypatch.setenv("CM_TOKEN_BLOCK", block)
+    cached = save_token(emu, mint(emu), timedelta(minutes=50), block).get()
+    clear_token_cache()
+    assert get_stac_token(min_valid=timedelta(minutes=10)) == cached
+    callers = 12
+    all_asking = threading.Barrier(callers)
+    mints = []
+
+    def failing(call: Any) -> Any:
+        mints.append(call)
+        # A window for the callers to join; one that comes later gets the failure's answer
+        # without a renewal (and without a warning) just the same.
+        time.sleep(1)
+        raise APIUnavailableError("the platform answered 503", endpoint="token/pair")
+
+    monkeypatch.setattr(_renewal, "_mint", failing)
+    caplog.set_level(logging.INFO)
+
+    def call(context: contextvars.Context) -> str:
+        all_asking.wait(30)
+        return context.run(get_stac_token)
+
+    with ThreadPoolExecutor(max_workers=callers) as pool:
+        futures = [pool.submit(call, contextvars.copy_context()) for _ in range(callers)]
+        tokens = [future.result(timeout=60) for future in futures]
+
+    assert tokens == [cached] * callers
+    assert len(mints) == 1
+    assert caplog.text.count("Using the cached token") == 1
+
+
 def test_a_token_that_expires_during_the_patience_is_not_served(
     carbon_mapper_credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
