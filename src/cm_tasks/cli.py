@@ -623,36 +623,78 @@ def serve(
 
     Registers refresh-stac-token/weekly and check-stac-token/daily (the schedules of `deploy`)
     and runs their scheduled runs, and runs started from the UI or with
-    `prefect deployment run`, in this process. When it stops, Prefect pauses their schedules
-    until `cm-tasks serve` or `cm-tasks deploy` runs again.
+    `prefect deployment run`, in this process. When it stops, it pauses their schedules
+    until `cm-tasks serve` or `cm-tasks deploy` runs again; it says so when the Prefect API
+    does not answer (within seconds), and exits 0 either way.
     """
     _settings(EXIT_USAGE)  # a bad CM_* setting is a usage error, before any Prefect call
     _out().print(f"Serving from this process, with {_api_location()}.", highlight=False)
-    # While Prefect loads, a SIGTERM is only noted: raised inside its import, a KeyboardInterrupt
-    # surfaces wrapped in another error (pydantic's), as a failure with a traceback.
+    # While Prefect loads, a stop signal is only noted: raised inside its import, a
+    # KeyboardInterrupt surfaces wrapped in another error (pydantic's), as a failure with a
+    # traceback.
     stop_asked: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: stop_asked.append(signum))
+    previous = {
+        signum: signal.signal(signum, lambda signum, _frame: stop_asked.append(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    registering = False
+    not_paused: deployments.ServedNotPausedError | None = None
+    quiet = _QuietObserver()
+    if not _Options.debug:
+        for name in _OBSERVER_LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
     try:
         with _prefect_call("Could not serve", quiet=False):  # the runner's lines are its output
             from prefect import serve as _load_prefects_runner  # noqa: F401
 
-            # Then, until Prefect's runner installs its own handler: SIGTERM stops like Ctrl-C.
+            # Then a stop raises KeyboardInterrupt: Ctrl-C as before Prefect loaded, and
+            # SIGTERM likewise until Prefect's runner installs its own handler.
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
             signal.signal(signal.SIGTERM, signal.default_int_handler)
             if stop_asked:
                 raise KeyboardInterrupt
-            deployments.serve(watchdog=watchdog, self_heal=self_heal)
+            registering = True
+            try:
+                deployments.serve(watchdog=watchdog, self_heal=self_heal)
+            except deployments.ServedNotPausedError as exc:
+                not_paused = exc
     except KeyboardInterrupt:
         pass
     except SystemExit as exc:  # older Prefect (3.2, 3.4) exits 0 from its SIGTERM handler
         if exc.code not in (0, None):
             raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    _out().print(
-        "Stopped. The served deployments' schedules are paused until `cm-tasks serve` or "
-        "`cm-tasks deploy` runs again.",
-        highlight=False,
-    )
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for name in _OBSERVER_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
+    if not registering:
+        _out().print("Stopped before registering any deployment: nothing to pause.")
+    elif not_paused:
+        _err().print(f"Stopped, but {not_paused}", highlight=False, markup=False)
+    else:
+        _out().print(
+            "Stopped. The served deployments' schedules are paused until `cm-tasks serve` or "
+            "`cm-tasks deploy` runs again.",
+            highlight=False,
+        )
+
+
+# Where Prefect's runner reports, with tracebacks, that the Prefect API went away (the server
+# stopped or restarts): its observer's warning says it all; the tracebacks only with --debug.
+# Prefect 3.4 also has asyncio log its observer's cancelled polling task at shutdown.
+_OBSERVER = "FlowRunCancellingObserver"
+_OBSERVER_LOGGERS = (f"prefect.{_OBSERVER}", "asyncio")
+
+
+class _QuietObserver(logging.Filter):
+    """Keeps the observer's own warnings without their traceback; drops asyncio's about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio":
+            return _OBSERVER not in record.getMessage()
+        record.exc_info = record.exc_text = None
+        return True
 
 
 def _settings(code: int = EXIT_FAILED) -> CarbonMapperSettings:

@@ -40,6 +40,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
+from cm_tasks.errors import CarbonMapperError
 from cm_tasks.schedules import (
     DAILY_CHECK_CRON,
     SCHEDULE_TIMEZONE,
@@ -459,12 +460,16 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
 
     Prefect's `serve`: registers the deployments (the same names, schedules and limits as
     `deploy`), then polls for their scheduled runs and for runs started from the UI or with
-    `prefect deployment run`, and executes them here. On shutdown Prefect pauses their
+    `prefect deployment run`, and executes them here. On shutdown it pauses their
     schedules, as nothing runs them any more; `serve` or `deploy` again resumes them.
 
     Args:
         watchdog: Also serve `check-stac-token/daily`.
         self_heal: Give the weekly refresh its trigger on the expiring event (see `deploy`).
+
+    Raises:
+        ServedNotPausedError: stopped, but the Prefect API did not answer the pause (each
+            call waits at most `PAUSE_TIMEOUT_SECONDS`): the schedules are still active.
 
     Example:
         ```python
@@ -476,7 +481,11 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
     from prefect import serve as prefect_serve
 
     try:
-        prefect_serve(*build_deployments(watchdog=watchdog, self_heal=self_heal))
+        # Paused by _pause_served, in bounded time: Prefect's own pause retries an API that
+        # stopped with this process for over a minute, then fails with a traceback.
+        prefect_serve(
+            *build_deployments(watchdog=watchdog, self_heal=self_heal), pause_on_shutdown=False
+        )
     except (KeyboardInterrupt, SystemExit):
         _pause_served(deployment_specs(watchdog))
         raise
@@ -491,19 +500,29 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
 
 
 def _pause_served(specs: Sequence[DeploymentSpec]) -> None:
-    """Pause the served deployments' schedules where Prefect's shutdown did not.
+    """Pause the served deployments' schedules, giving up soon if the Prefect API is gone.
 
-    Prefect 3.4's runner, stopped by SIGTERM while a run is in flight, fails cancelling it
-    ("bound to a different event loop") and stops pausing after the first deployment: the
-    other schedule stays active with nothing to run it.
+    The one pause on shutdown (Prefect's is turned off). Bounded: Prefect's client retries
+    a lost connection 5 times (2 + 4 + 8 + 16 + 32 s), so a server stopped together with
+    this process (both children of a killed shell) held the stop for 70-80 s. Also covers
+    Prefect 3.4's runner, which, stopped while a run is in flight, pauses one deployment only.
+
+    Raises:
+        ServedNotPausedError: the Prefect API did not answer (or answered with an error).
     """
     import httpx
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentUpdate
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import (
+        PREFECT_API_REQUEST_TIMEOUT,
+        PREFECT_CLIENT_MAX_RETRIES,
+        temporary_settings,
+    )
 
+    bounded = {PREFECT_CLIENT_MAX_RETRIES: 1, PREFECT_API_REQUEST_TIMEOUT: PAUSE_TIMEOUT_SECONDS}
     try:
-        with get_client(sync_client=True) as client:
+        with temporary_settings(updates=bounded), get_client(sync_client=True) as client:
             for spec in specs:
                 try:
                     found = client.read_deployment_by_name(spec.full_name)
@@ -511,5 +530,25 @@ def _pause_served(specs: Sequence[DeploymentSpec]) -> None:
                     continue
                 if not found.paused:
                     client.update_deployment(found.id, DeploymentUpdate(paused=True))
-    except (httpx.HTTPError, OSError):  # the API is gone: nothing can run the schedules then
-        return
+    except (httpx.HTTPError, OSError) as exc:
+        raise ServedNotPausedError(exc) from exc
+
+
+PAUSE_TIMEOUT_SECONDS = 5.0
+"""How long `serve`'s pause on shutdown waits for each answer of the Prefect API."""
+
+
+class ServedNotPausedError(CarbonMapperError):
+    """`serve` stopped, but the Prefect API did not answer the pause of its schedules."""
+
+    transient = True
+
+    def __init__(self, cause: Exception) -> None:
+        # Only the type and status: an API error body can quote the values sent.
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        answer = f"answered {status}" if status else "did not answer"
+        super().__init__(
+            "the served deployments' schedules could not be paused: the Prefect API "
+            f"{answer} ({type(cause).__name__}). Nothing runs them now: pause them in the UI, "
+            "or run `cm-tasks serve` again, once the API is back."
+        )
