@@ -6,6 +6,9 @@ one with `token_block` (and `base_url` where the flow takes it), then waits on t
 A run Running for longer than a refresh can take is marked Crashed (which frees the
 deployment's concurrency slot on every Prefect version) and not joined. A run that the
 deployment's limit cancelled hands the wait to the run that holds the slot.
+
+Run times are the Prefect server's, so they are compared with the server's time (told by the
+`Date` of its responses), not with this machine's clock, which may be minutes off.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import Any
 from uuid import uuid4
 
+import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -48,6 +53,9 @@ BASE_URL_PARAMETER = "base_url"
 FAILED_RUN_HOLD = timedelta(seconds=60)
 """A run for the block that failed less than this long ago is a new caller's outcome too."""
 _RECENT_RUNS = 25
+# A Date header is good to a second or two (see _ServerClock.observe): a smaller skew is
+# noise, and our clock is the finer one. Every time compared below has a margin of 60 s or more.
+_CLOCK_TOLERANCE = timedelta(seconds=5)
 _MAX_RUNS = 3  # one, and the runs a concurrency-limit cancel hands the wait over to
 _FALLBACK_SECONDS = 20.0  # a read of the run when its events stay silent that long
 _FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
@@ -75,8 +83,14 @@ def refresh_through_deployment(
         TokenBlockError: the Prefect API failed (transient when it may work later).
     """
     what = f"run the refresh deployment {settings.refresh_deployment!r}"
-    with bounded_calls(what) as call, get_client(sync_client=True) as client:
-        runs = _Runs(client, call, settings, block_name, api_url)
+    # With a response hook, get_client makes a client of our own (not a flow run's): it sends
+    # no request more, and every response tells the clock the server's time.
+    clock = _ServerClock()
+    with (
+        bounded_calls(what) as call,
+        get_client(clock.httpx_settings(), sync_client=True) as client,
+    ):
+        runs = _Runs(client, call, settings, block_name, api_url, clock)
         run = runs.joinable() or runs.start()
         for _ in range(_MAX_RUNS):
             run = runs.wait_final(run, deadline)
@@ -98,6 +112,42 @@ def refresh_through_deployment(
         return _run_error(run, runs)
 
 
+class _ServerClock:
+    """The Prefect server's time, from the `Date` header of its responses: no request of its own.
+
+    Run times (expected start, start, end) are stamped by the server. Against this machine's
+    clock they are off by the skew between the two: minutes on a host without time sync.
+    """
+
+    def __init__(self) -> None:
+        self._offset: timedelta | None = None  # the server's time minus ours; None: no Date yet
+
+    def httpx_settings(self) -> dict[str, Any]:
+        """Settings for `get_client` that make the client's responses set the clock."""
+        return {"event_hooks": {"response": [self.observe]}}
+
+    def observe(self, response: httpx.Response) -> None:
+        """Take the server's time from a response's `Date` header, if it has a valid one."""
+        try:
+            offset = parsedate_to_datetime(response.headers["date"]) - _local_now()
+        except (KeyError, TypeError, ValueError):  # none, unreadable, or without a time zone
+            return
+        # A Date is rounded down to the second and stamped before the response travelled
+        # (uvicorn refreshes it once a second): each is at most the server's time on arrival,
+        # so the largest is the closest.
+        if self._offset is None or offset > self._offset:
+            self._offset = offset
+
+    def now(self) -> datetime:
+        """The server's time now: this machine's, unless a response said it is off."""
+        offset = self._offset or timedelta(0)
+        return _local_now() + (offset if abs(offset) > _CLOCK_TOLERANCE else timedelta(0))
+
+
+def _local_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 class _Runs:
     """The runs of the refresh deployment, as seen by one caller."""
 
@@ -108,9 +158,11 @@ class _Runs:
         settings: CarbonMapperSettings,
         block_name: str,
         api_url: str,
+        clock: _ServerClock | None = None,
     ) -> None:
         self.client, self.call, self.settings = client, call, settings
         self.block_name, self.api_url = block_name, api_url
+        self.clock = clock or _ServerClock()  # None: a client without its hook, our clock
         self.deployment = call(_read_deployment, client, settings)
         schema = getattr(self.deployment, "parameter_openapi_schema", None) or {}
         self.takes_base_url = BASE_URL_PARAMETER in (schema.get("properties") or {})
@@ -149,12 +201,13 @@ class _Runs:
             return None
         # Prefect 3.2 sets no end time on a run failed before it started: the state's time.
         failed_at = last.end_time or (last.state.timestamp if last.state else None)
-        if failed_at is None or datetime.now(timezone.utc) - failed_at > FAILED_RUN_HOLD:
+        if failed_at is None or self.clock.now() - failed_at > FAILED_RUN_HOLD:
             return None
         return last
 
     def _recent(self) -> list[FlowRun]:
-        horizon = datetime.now(timezone.utc) + timedelta(minutes=1)
+        # Not runs scheduled for later (the weekly schedule's next ones), on the server's clock.
+        horizon = self.clock.now() + timedelta(minutes=1)
         runs: list[FlowRun] = self.call(
             self.client.read_flow_runs,
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment.id])),
@@ -180,7 +233,7 @@ class _Runs:
 
     def _stuck(self, run: FlowRun) -> bool:
         started = run.start_time
-        since = datetime.now(timezone.utc) - started if started is not None else None
+        since = self.clock.now() - started if started is not None else None
         return run.state_type == StateType.RUNNING and since is not None and since > self.bound
 
     def _crash(self, run: FlowRun) -> None:
