@@ -391,7 +391,9 @@ def _their_failure(
 ) -> RefreshRunError | TokenBlockError | None:
     """The failure another process announced, if it is about this wait (or cools it down)."""
     retry_after = float(heard.payload.get("retry_after") or 0.0)
-    age = (datetime.now(timezone.utc) - heard.occurred).total_seconds()
+    # Stamped by the emitting process's clock: one ahead of ours would make its event younger
+    # than heard, and its cool-down longer than it said. Nothing is heard before it happens.
+    age = max((datetime.now(timezone.utc) - heard.occurred).total_seconds(), 0.0)
     if age > retry_after and (heard.occurred < since or age > _bound(call)):
         return None  # an earlier renewal's failure, replayed on connect, and not cooling down
     run_name, run_id = heard.payload.get("flow_run_name"), heard.payload.get("flow_run_id")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -115,4 +116,21 @@ def test_a_replayed_failure_counts_only_while_it_cools_down(
     )
     failure = _renewal._their_failure(_call(), heard, since=now - timedelta(seconds=2))
     assert (failure is not None) is counts
+    _token_cache.clear_token_cache()
+
+
+def test_a_failure_from_a_clock_ahead_of_ours_cools_down_no_longer_than_it_said() -> None:
+    # Seen in review: an emitter 10 minutes ahead made its 60 s cool-down last 11 minutes here.
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT, Heard
+
+    now = datetime.now(timezone.utc)
+    heard = Heard(
+        RENEWAL_FAILED_EVENT,
+        now + timedelta(minutes=10),
+        {"error": "APIUnavailableError", "retry_after": 60.0, "transient": True},
+    )
+    call = _call()
+    assert _renewal._their_failure(call, heard, since=now - timedelta(seconds=2)) is not None
+    until, _error = _token_cache._cooling[call.key]
+    assert until - time.monotonic() <= 60.0
     _token_cache.clear_token_cache()
