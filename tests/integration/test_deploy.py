@@ -175,11 +175,15 @@ def test_serve_pauses_what_a_broken_prefect_shutdown_left_active(
     """Prefect 3.4's runner, stopped by SIGTERM mid-run, paused only the first deployment.
 
     Scripted here: a Prefect `serve` that registers the deployments, then stops without
-    pausing them, as that runner does after its failed cancel.
+    pausing them, as that runner does after its failed cancel (and as it is asked to: the
+    pause is ours, bounded in time).
     """
     import prefect
 
-    def serve_then_break(*served: Any) -> None:
+    options: dict[str, Any] = {}
+
+    def serve_then_break(*served: Any, **given: Any) -> None:
+        options.update(given)
         for runner_deployment in served:
             runner_deployment.apply()
         raise KeyboardInterrupt
@@ -189,5 +193,6 @@ def test_serve_pauses_what_a_broken_prefect_shutdown_left_active(
     with pytest.raises(KeyboardInterrupt):
         serve()
 
+    assert options == {"pause_on_shutdown": False}
     for spec in DEPLOYMENTS:
         assert _read(spec.full_name).paused is True, spec.full_name
