@@ -91,6 +91,12 @@ class Call:
     block_name = property(lambda self: self.key[1], doc="The token block.")
 
     @property
+    def route(self) -> tuple[str, str, str | None]:
+        """How this call renews: its mode, platform API and (deployment mode) deployment."""
+        deployment = self.settings.refresh_deployment if self.mode == "deployment" else None
+        return (self.mode, _api_id(self.api_url), deployment)
+
+    @property
     def flight_key(self) -> FlightKey:
         """Callers for one block but different platform APIs never share a renewal."""
         return (*self.key, _api_id(self.api_url))
@@ -191,7 +197,7 @@ def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, 
             action = decide(entry.block, call, entry.from_401)
             if action is not Action.RENEW:
                 return _use(call, entry, action)
-            failure = entry.recent_failure()
+            failure = entry.recent_failure(call.route)
             if call.rejected is None and failure is not None:
                 return _failed(call, entry, failure)
         cooling = _token_cache.cooling(call.key)
@@ -252,7 +258,8 @@ def _failed(call: Call, entry: Entry | None, error: Exception) -> str:
 
 def _back_off(call: Call, entry: Entry, error: Exception) -> None:
     """For OUTAGE_RETRY_SECONDS callers get error's answer without a renewal; said once."""
-    if entry.back_off(error, OUTAGE_RETRY_SECONDS) and not isinstance(error, ConfigurationError):
+    backing_off = entry.back_off(error, OUTAGE_RETRY_SECONDS, call.route)
+    if backing_off and not isinstance(error, ConfigurationError):
         current_logger().warning(
             _messages.serving_stale(call.block_name, error, entry.block, OUTAGE_RETRY_SECONDS)
         )

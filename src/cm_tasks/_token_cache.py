@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,22 +28,32 @@ class Entry:
     from_401: bool = False  # made by a renewal after a 401: a 401 on it is not renewed again
     retry_at: float = 0.0  # monotonic time before which a failed renewal is not tried again
     failure: Exception | None = None  # why that renewal failed
+    failed_route: Hashable = None  # how that renewal was made (see `_renewal.Call.route`)
     warned: bool = False  # the "within min_valid, used anyway" warning was logged
 
     def servable(self) -> bool:
         """Whether the token may still be sent (it has not expired)."""
         return not self.block.expires_within(timedelta(0))
 
-    def recent_failure(self) -> Exception | None:
-        """A renewal's failure of moments ago: callers get its answer rather than try again."""
-        return self.failure if self.retry_at > time.monotonic() and self.servable() else None
+    def recent_failure(self, route: Hashable) -> Exception | None:
+        """A failure of moments ago of a renewal made this route: its answer, not a new try.
 
-    def back_off(self, error: Exception, seconds: float) -> bool:
+        Only the same route: a deployment that does not exist is no answer to an inline caller.
+        """
+        if self.failed_route != route or self.retry_at <= time.monotonic():
+            return None
+        return self.failure if self.servable() else None
+
+    def back_off(self, error: Exception, seconds: float, route: Hashable) -> bool:
         """Remember error for seconds; False if a failure is remembered already (said once)."""
         with _guard:
-            if self.recent_failure() is not None:
+            if self.recent_failure(route) is not None:
                 return False
-            self.retry_at, self.failure = time.monotonic() + seconds, error
+            self.retry_at, self.failure, self.failed_route = (
+                time.monotonic() + seconds,
+                error,
+                route,
+            )
             return True
 
 

@@ -637,7 +637,7 @@ def serve(
         signum: signal.signal(signum, lambda signum, _frame: stop_asked.append(signum))
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
-    registering = False
+    registering = paused = False
     not_paused: deployments.ServedNotPausedError | None = None
     quiet = _QuietObserver()
     if not _Options.debug:
@@ -656,28 +656,27 @@ def serve(
             registering = True
             try:
                 deployments.serve(watchdog=watchdog, self_heal=self_heal)
+                paused = True
             except deployments.ServedNotPausedError as exc:
                 not_paused = exc
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before registering, or a second stop just before the pause
         pass
-    except SystemExit as exc:  # older Prefect (3.2, 3.4) exits 0 from its SIGTERM handler
-        if exc.code not in (0, None):
-            raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         for name in _OBSERVER_LOGGERS:
             logging.getLogger(name).removeFilter(quiet)
-    if not registering:
-        _out().print("Stopped before registering any deployment: nothing to pause.")
-    elif not_paused:
-        _err().print(f"Stopped, but {not_paused}", highlight=False, markup=False)
-    else:
+    if paused:
         _out().print(
             "Stopped. The served deployments' schedules are paused until `cm-tasks serve` or "
             "`cm-tasks deploy` runs again.",
             highlight=False,
         )
+    elif not registering:
+        _out().print("Stopped before registering any deployment: nothing to pause.")
+    else:
+        not_paused = not_paused or deployments.ServedNotPausedError("stopped again at once")
+        _err().print(f"Stopped, but {not_paused}", highlight=False, markup=False)
 
 
 # Where Prefect's runner reports, with tracebacks, that the Prefect API went away (the server

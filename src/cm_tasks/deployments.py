@@ -467,9 +467,12 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
         watchdog: Also serve `check-stac-token/daily`.
         self_heal: Give the weekly refresh its trigger on the expiring event (see `deploy`).
 
+    Returns once stopped and the schedules are paused.
+
     Raises:
-        ServedNotPausedError: stopped, but the Prefect API did not answer the pause (each
-            call waits at most `PAUSE_TIMEOUT_SECONDS`): the schedules are still active.
+        ServedNotPausedError: stopped, but the schedules could not be paused: the Prefect API
+            did not answer (each call waits at most `PAUSE_TIMEOUT_SECONDS`), or a second
+            stop cut the pause short. They are still active.
 
     Example:
         ```python
@@ -480,22 +483,22 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
     """
     from prefect import serve as prefect_serve
 
+    from cm_tasks._compat import stopped_before_start
+
     try:
         # Paused by _pause_served, in bounded time: Prefect's own pause retries an API that
         # stopped with this process for over a minute, then fails with a traceback.
         prefect_serve(
             *build_deployments(watchdog=watchdog, self_heal=self_heal), pause_on_shutdown=False
         )
-    except (KeyboardInterrupt, SystemExit):
-        _pause_served(deployment_specs(watchdog))
-        raise
+    except KeyboardInterrupt:
+        pass  # Ctrl-C, or SIGTERM before Prefect's runner took it over (see `cm-tasks serve`)
+    except SystemExit as exc:  # Prefect's SIGTERM handler exits 0
+        if exc.code not in (0, None):
+            raise
     except RuntimeError as exc:
-        from cm_tasks._compat import stopped_before_start
-
         if not stopped_before_start(exc):
             raise
-        _pause_served(deployment_specs(watchdog))
-        raise SystemExit(0) from None  # what Prefect 3.9 does with a SIGTERM while starting
     _pause_served(deployment_specs(watchdog))
 
 
@@ -531,7 +534,16 @@ def _pause_served(specs: Sequence[DeploymentSpec]) -> None:
                 if not found.paused:
                     client.update_deployment(found.id, DeploymentUpdate(paused=True))
     except (httpx.HTTPError, OSError) as exc:
-        raise ServedNotPausedError(exc) from exc
+        raise ServedNotPausedError(_no_answer(exc)) from exc
+    except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C, or SIGINT after SIGTERM
+        raise ServedNotPausedError("stopped again before the pause was done") from None
+
+
+def _no_answer(exc: Exception) -> str:
+    # Only the type and status: an API error body can quote the values sent.
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    answer = f"answered {status}" if status else "did not answer"
+    return f"the Prefect API {answer} ({type(exc).__name__})"
 
 
 PAUSE_TIMEOUT_SECONDS = 5.0
@@ -539,16 +551,13 @@ PAUSE_TIMEOUT_SECONDS = 5.0
 
 
 class ServedNotPausedError(CarbonMapperError):
-    """`serve` stopped, but the Prefect API did not answer the pause of its schedules."""
+    """`serve` stopped, but the pause of its schedules did not finish."""
 
     transient = True
 
-    def __init__(self, cause: Exception) -> None:
-        # Only the type and status: an API error body can quote the values sent.
-        status = getattr(getattr(cause, "response", None), "status_code", None)
-        answer = f"answered {status}" if status else "did not answer"
+    def __init__(self, reason: str) -> None:
         super().__init__(
-            "the served deployments' schedules could not be paused: the Prefect API "
-            f"{answer} ({type(cause).__name__}). Nothing runs them now: pause them in the UI, "
-            "or run `cm-tasks serve` again, once the API is back."
+            f"the served deployments' schedules could not be paused: {reason}. Nothing runs "
+            "them now: pause them in the UI (once the Prefect API answers), or run "
+            "`cm-tasks serve` again."
         )

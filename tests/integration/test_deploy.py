@@ -20,6 +20,7 @@ from cm_tasks.deployments import (
     DEFAULT_POOL,
     DEPLOYMENTS,
     WEEKLY_REFRESH,
+    ServedNotPausedError,
     deploy,
     serve,
 )
@@ -190,9 +191,33 @@ def test_serve_pauses_what_a_broken_prefect_shutdown_left_active(
 
     monkeypatch.setattr(prefect, "serve", serve_then_break)
 
-    with pytest.raises(KeyboardInterrupt):
-        serve()
+    serve()  # the stop is a return, once the schedules are paused
 
     assert options == {"pause_on_shutdown": False}
     for spec in DEPLOYMENTS:
         assert _read(spec.full_name).paused is True, spec.full_name
+
+
+def test_a_second_stop_during_the_pause_says_the_schedules_are_not_paused(
+    no_deployments: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by a reviewer: SIGTERM, then SIGINT 50 ms later (a second Ctrl-C, a service
+    # manager's follow-up) cut the pause short, and `cm-tasks serve` said "paused" anyway.
+    import prefect
+    from prefect.client.orchestration import SyncPrefectClient
+
+    def serve_then_stop(*served: Any, **_options: Any) -> None:
+        for runner_deployment in served:
+            runner_deployment.apply()
+        raise KeyboardInterrupt
+
+    def stopped_again(*_args: Any, **_kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prefect, "serve", serve_then_stop)
+    monkeypatch.setattr(SyncPrefectClient, "update_deployment", stopped_again)
+
+    with pytest.raises(ServedNotPausedError, match="stopped again before the pause was done"):
+        serve()
+
+    assert not any(_read(spec.full_name).paused for spec in DEPLOYMENTS)

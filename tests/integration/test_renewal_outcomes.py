@@ -599,3 +599,28 @@ def test_a_run_the_limit_cancelled_after_a_failed_one_does_not_lift_the_hold(
     with get_client(sync_client=True) as client:
         assert len(client.read_flow_runs()) == before  # no run started
     assert emu.requests(CREATE_STAC) == 0
+
+
+def test_a_configuration_error_of_one_refresh_mode_is_not_the_answer_for_another(
+    carbon_mapper_credentials: CarbonMapperEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by a reviewer: a deployment-mode caller whose refresh deployment does not exist
+    # got a ConfigurationError; for 30 s, inline callers in the same process got it too ("CM_
+    # REFRESH_MODE is deployment, but ..."), although an inline renewal would have worked.
+    from cm_tasks import ConfigurationError
+
+    emu = carbon_mapper_credentials
+    block = "two-modes-token"
+    monkeypatch.setenv("CM_TOKEN_BLOCK", block)
+    monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/nobody-made-this")
+    cached = save_token(emu, mint(emu), timedelta(minutes=50), block).get()
+    clear_token_cache()
+    assert get_stac_token(min_valid=timedelta(minutes=10)) == cached
+    hour = timedelta(hours=1)
+
+    with pytest.raises(ConfigurationError, match="nobody-made-this"):
+        get_stac_token(min_valid=hour, refresh="deployment")
+    renewed = get_stac_token(min_valid=hour)  # inline, the default mode
+
+    assert renewed != cached
+    assert stored_token(block) == renewed
