@@ -121,6 +121,12 @@ class _ServerClock:
 
     def __init__(self) -> None:
         self._offset: timedelta | None = None  # the server's time minus ours; None: no Date yet
+        # Our time is read once, then carried on by the monotonic clock: a step of the wall
+        # clock during the call (time sync correcting it) would otherwise count as skew.
+        self._start, self._start_monotonic = _local_now(), time.monotonic()
+
+    def _local(self) -> datetime:
+        return self._start + timedelta(seconds=time.monotonic() - self._start_monotonic)
 
     def httpx_settings(self) -> dict[str, Any]:
         """Settings for `get_client` that make the client's responses set the clock."""
@@ -129,7 +135,7 @@ class _ServerClock:
     def observe(self, response: httpx.Response) -> None:
         """Take the server's time from a response's `Date` header, if it has a valid one."""
         try:
-            offset = parsedate_to_datetime(response.headers["date"]) - _local_now()
+            offset = parsedate_to_datetime(response.headers["date"]) - self._local()
         except (KeyError, TypeError, ValueError):  # none, unreadable, or without a time zone
             return
         # A Date is rounded down to the second and stamped before the response travelled
@@ -141,7 +147,7 @@ class _ServerClock:
     def now(self) -> datetime:
         """The server's time now: this machine's, unless a response said it is off."""
         offset = self._offset or timedelta(0)
-        return _local_now() + (offset if abs(offset) > _CLOCK_TOLERANCE else timedelta(0))
+        return self._local() + (offset if abs(offset) > _CLOCK_TOLERANCE else timedelta(0))
 
 
 def _local_now() -> datetime:
