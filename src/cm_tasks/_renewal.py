@@ -52,6 +52,7 @@ from cm_tasks.retry import unprocessed
 from cm_tasks.settings import CarbonMapperSettings, RefreshMode, api_identity, load_settings
 
 FlightKey = tuple[str | None, str, str]  # (Prefect API URL, block name, platform API)
+Route = tuple[str, str, str | None]  # (refresh mode, platform API, refresh deployment)
 
 RENEWAL_GRACE = timedelta(minutes=15)
 """A token made less than this long ago is used even within min_valid: another is no better."""
@@ -91,7 +92,7 @@ class Call:
     block_name = property(lambda self: self.key[1], doc="The token block.")
 
     @property
-    def route(self) -> tuple[str, str, str | None]:
+    def route(self) -> Route:
         """How this call renews: its mode, platform API and (deployment mode) deployment."""
         deployment = self.settings.refresh_deployment if self.mode == "deployment" else None
         return (self.mode, _api_id(self.api_url), deployment)
@@ -218,7 +219,8 @@ def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, 
                 outcome = yield flight, None
             assert outcome is not None
         if outcome.error is not None:  # the flight's read may have cached a servable token
-            return _failed(call, None if outcome.refused else _cached(call), outcome.error)
+            entry = None if outcome.refused else _cached(call)
+            return _failed(call, entry, outcome.error, flight.call.route)
     entry = _cached(call)
     if entry is not None and entry.servable() and call.rejected is None:
         return entry.block.get()
@@ -243,25 +245,26 @@ def _use(call: Call, entry: Entry, action: Action) -> str | None:
     return entry.block.get()
 
 
-def _failed(call: Call, entry: Entry | None, error: Exception) -> str:
+def _failed(call: Call, entry: Entry | None, error: Exception, route: Route | None = None) -> str:
     """The one outage rule: a token that has not expired is served; otherwise the error.
 
     A configuration error is raised whatever the token: no outage, nothing to wait out.
+    The error is remembered for the route of the renewal that failed (default: call's).
     """
     if entry is None or call.rejected is not None or not entry.servable():
         raise error
-    _back_off(call, entry, error)
+    _back_off(call.block_name, entry, error, route or call.route)
     if isinstance(error, ConfigurationError):
         raise error
     return entry.block.get()
 
 
-def _back_off(call: Call, entry: Entry, error: Exception) -> None:
-    """For OUTAGE_RETRY_SECONDS callers get error's answer without a renewal; said once."""
-    backing_off = entry.back_off(error, OUTAGE_RETRY_SECONDS, call.route)
+def _back_off(block_name: str, entry: Entry, error: Exception, route: Route) -> None:
+    """For OUTAGE_RETRY_SECONDS the route's callers get error's answer, not a renewal; said once."""
+    backing_off = entry.back_off(error, OUTAGE_RETRY_SECONDS, route)
     if backing_off and not isinstance(error, ConfigurationError):
         current_logger().warning(
-            _messages.serving_stale(call.block_name, error, entry.block, OUTAGE_RETRY_SECONDS)
+            _messages.serving_stale(block_name, error, entry.block, OUTAGE_RETRY_SECONDS)
         )
 
 
@@ -303,7 +306,7 @@ def _fly(flight: Flight) -> None:
     if error is not None and left_early and entry is not None and entry.servable():
         # Its callers left with the cached token while it ran: the failure is said here, and
         # the next callers get its answer (a configuration error is theirs to see).
-        _back_off(call, entry, error)
+        _back_off(call.block_name, entry, error, call.route)
     flight.finish()
 
 

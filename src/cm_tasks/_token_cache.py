@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from cm_tasks.blocks import CarbonMapperStacToken
@@ -26,9 +26,9 @@ class Entry:
 
     block: CarbonMapperStacToken
     from_401: bool = False  # made by a renewal after a 401: a 401 on it is not renewed again
-    retry_at: float = 0.0  # monotonic time before which a failed renewal is not tried again
-    failure: Exception | None = None  # why that renewal failed
-    failed_route: Hashable = None  # how that renewal was made (see `_renewal.Call.route`)
+    # How each route (see `_renewal.Call.route`) last failed to renew it, and until when
+    # (monotonic) its callers get that answer rather than try again.
+    failures: dict[Hashable, tuple[float, Exception]] = field(default_factory=dict)
     warned: bool = False  # the "within min_valid, used anyway" warning was logged
 
     def servable(self) -> bool:
@@ -40,20 +40,15 @@ class Entry:
 
         Only the same route: a deployment that does not exist is no answer to an inline caller.
         """
-        if self.failed_route != route or self.retry_at <= time.monotonic():
-            return None
-        return self.failure if self.servable() else None
+        until, failure = self.failures.get(route, (0.0, None))
+        return failure if until > time.monotonic() and self.servable() else None
 
     def back_off(self, error: Exception, seconds: float, route: Hashable) -> bool:
         """Remember error for seconds; False if a failure is remembered already (said once)."""
         with _guard:
             if self.recent_failure(route) is not None:
                 return False
-            self.retry_at, self.failure, self.failed_route = (
-                time.monotonic() + seconds,
-                error,
-                route,
-            )
+            self.failures[route] = (time.monotonic() + seconds, error)
             return True
 
 

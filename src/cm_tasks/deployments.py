@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import signal
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -485,6 +487,7 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
 
     from cm_tasks._compat import stopped_before_start
 
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         # Paused by _pause_served, in bounded time: Prefect's own pause retries an API that
         # stopped with this process for over a minute, then fails with a traceback.
@@ -499,6 +502,11 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
     except RuntimeError as exc:
         if not stopped_before_start(exc):
             raise
+    finally:
+        # Prefect's runner leaves its SIGTERM handler behind (3.4's raises "Runner has not
+        # yet started" then): a second stop during the pause meets the one from before.
+        if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
     _pause_served(deployment_specs(watchdog))
 
 

@@ -221,3 +221,38 @@ def test_a_second_stop_during_the_pause_says_the_schedules_are_not_paused(
         serve()
 
     assert not any(_read(spec.full_name).paused for spec in DEPLOYMENTS)
+
+
+def test_a_second_sigterm_during_the_pause_meets_the_handler_from_before_prefects_runner(
+    no_deployments: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by a reviewer on Prefect 3.4: its runner leaves its SIGTERM handler behind, and
+    # that one raises RuntimeError("Runner has not yet started"): a second SIGTERM during the
+    # pause made `cm-tasks serve` fail with a traceback and exit 1, the schedules unpaused.
+    import os
+    import signal
+
+    import prefect
+    from prefect.client.orchestration import SyncPrefectClient
+
+    def runners_handler(*_args: Any) -> None:
+        raise RuntimeError("Runner has not yet started")
+
+    def serve_then_stop(*served: Any, **_options: Any) -> None:
+        signal.signal(signal.SIGTERM, runners_handler)
+        for runner_deployment in served:
+            runner_deployment.apply()
+        raise KeyboardInterrupt
+
+    def sigterm_again(*_args: Any, **_kwargs: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(prefect, "serve", serve_then_stop)
+    monkeypatch.setattr(SyncPrefectClient, "update_deployment", sigterm_again)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as `cm-tasks serve`
+    try:
+        with pytest.raises(ServedNotPausedError, match="stopped again"):
+            serve()
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)

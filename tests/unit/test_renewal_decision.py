@@ -134,3 +134,37 @@ def test_a_failure_from_a_clock_ahead_of_ours_cools_down_no_longer_than_it_said(
     until, _error = _token_cache._cooling[call.key]
     assert until - time.monotonic() <= 60.0
     _token_cache.clear_token_cache()
+
+
+def test_each_refresh_route_keeps_its_own_failure() -> None:
+    # Found by a reviewer: inline and deployment calls alternating during an outage each
+    # overwrote the other's failure, so neither backed off: every call renewed again.
+    entry = _token_cache.Entry(_block("c", timedelta(minutes=50), timedelta(days=1)))
+    inline, deployment = _call().route, _call(mode="deployment").route
+
+    assert entry.back_off(RuntimeError("platform down"), 30.0, inline)
+    assert entry.back_off(RuntimeError("run failed"), 30.0, deployment)
+
+    assert str(entry.recent_failure(inline)) == "platform down"
+    assert str(entry.recent_failure(deployment)) == "run failed"
+    assert not entry.back_off(RuntimeError("again"), 30.0, inline)  # said once
+
+
+def test_a_joined_renewals_configuration_error_is_remembered_for_its_route_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found by a reviewer: an inline caller that joined a deployment-mode renewal got its
+    # ConfigurationError (no such deployment), and inline callers got it for 30 s more.
+    deployment_call, inline_call = _call(mode="deployment"), _call()
+    monkeypatch.setattr(_renewal, "_flight_for", lambda call: Flight(deployment_call))
+    _token_cache.clear_token_cache()
+    _cache_a_valid_token(inline_call)
+
+    with pytest.raises(ConfigurationError):
+        _drive(inline_call, Outcome(error=ConfigurationError("no such deployment")))
+
+    entry = _token_cache.get(inline_call.key)
+    assert entry is not None
+    assert entry.recent_failure(inline_call.route) is None
+    assert isinstance(entry.recent_failure(deployment_call.route), ConfigurationError)
+    _token_cache.clear_token_cache()
