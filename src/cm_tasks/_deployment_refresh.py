@@ -56,6 +56,7 @@ _RECENT_RUNS = 25
 # A Date header is good to a second or two (see _ServerClock.observe): a smaller skew is
 # noise, and our clock is the finer one. Every time compared below has a margin of 60 s or more.
 _CLOCK_TOLERANCE = timedelta(seconds=5)
+_DATE_JITTER = timedelta(seconds=2)  # how far apart two Dates of one clock can seem
 _MAX_RUNS = 3  # one, and the runs a concurrency-limit cancel hands the wait over to
 _FALLBACK_SECONDS = 20.0  # a read of the run when its events stay silent that long
 _FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
@@ -140,9 +141,12 @@ class _ServerClock:
             return
         # A Date is rounded down to the second and stamped before the response travelled
         # (uvicorn refreshes it once a second): each is at most the server's time on arrival,
-        # so the largest is the closest.
-        if self._offset is None or offset > self._offset:
+        # so of offsets that agree the largest is the closest. One that disagrees by more is
+        # the server's clock stepped (time sync correcting it): the newest is right then.
+        if self._offset is None or abs(offset - self._offset) > _DATE_JITTER:
             self._offset = offset
+        else:
+            self._offset = max(offset, self._offset)
 
     def now(self) -> datetime:
         """The server's time now: this machine's, unless a response said it is off."""

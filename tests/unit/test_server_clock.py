@@ -58,3 +58,14 @@ def test_no_date_leaves_this_machines_clock(monkeypatch: pytest.MonkeyPatch) -> 
     clock.observe(httpx.Response(200, headers={"date": "yesterday"}))
 
     assert _off(clock) < 2
+
+
+def test_a_step_of_the_servers_clock_during_a_call_is_followed() -> None:
+    # Seen in review: the largest offset was kept, so a server clock stepped back 10 min
+    # mid-call left this caller 10 min ahead of it for the rest of the call.
+    clock = _ServerClock()
+    clock.observe(_answer(datetime.now(timezone.utc) + timedelta(minutes=10)))  # server fast
+
+    clock.observe(_answer(datetime.now(timezone.utc)))  # time sync steps it back
+
+    assert _off(clock) < 2
