@@ -639,10 +639,10 @@ def serve(
     }
     registering = paused = False
     not_paused: deployments.ServedNotPausedError | None = None
-    quiet = _QuietObserver()
+    no_traceback = _NoTraceback()
     if not _Options.debug:
-        for name in _OBSERVER_LOGGERS:
-            logging.getLogger(name).addFilter(quiet)
+        for name in _RUNNER_LOGGERS:
+            logging.getLogger(name).addFilter(no_traceback)
     try:
         with _prefect_call("Could not serve", quiet=False):  # the runner's lines are its output
             from prefect import serve as _load_prefects_runner  # noqa: F401
@@ -664,8 +664,8 @@ def serve(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for name in _OBSERVER_LOGGERS:
-            logging.getLogger(name).removeFilter(quiet)
+        for name in _RUNNER_LOGGERS:
+            logging.getLogger(name).removeFilter(no_traceback)
     if paused:
         _out().print(
             "Stopped. The served deployments' schedules are paused until `cm-tasks serve` or "
@@ -679,19 +679,17 @@ def serve(
         _err().print(f"Stopped, but {not_paused}", highlight=False, markup=False)
 
 
-# Where Prefect's runner reports, with tracebacks, that the Prefect API went away (the server
-# stopped or restarts): its observer's warning says it all; the tracebacks only with --debug.
-# Prefect 3.4 also has asyncio log its observer's cancelled polling task at shutdown.
-_OBSERVER = "FlowRunCancellingObserver"
-_OBSERVER_LOGGERS = (f"prefect.{_OBSERVER}", "asyncio")
+# Where Prefect's runner reports its own troubles with tracebacks: its observer when the
+# Prefect API goes away (the server stopped or restarts), and asyncio for callbacks failing in
+# its event loop at shutdown (Prefect 3.4's observer task, Prefect 3.2's anyio cancel scopes).
+# The message says what happened; the traceback shows only with --debug.
+_RUNNER_LOGGERS = ("prefect.FlowRunCancellingObserver", "asyncio")
 
 
-class _QuietObserver(logging.Filter):
-    """Keeps the observer's own warnings without their traceback; drops asyncio's about it."""
+class _NoTraceback(logging.Filter):
+    """Keeps a record's message, drops its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "asyncio":
-            return _OBSERVER not in record.getMessage()
         record.exc_info = record.exc_text = None
         return True
 

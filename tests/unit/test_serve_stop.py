@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from typing import Any
@@ -55,3 +56,44 @@ def test_a_stop_signal_while_prefect_loads_stops_serve_cleanly(
     assert "paused" not in output.out + output.err
     assert served == []  # asked to stop before it served anything
     assert {signum: signal.getsignal(signum) for signum in previous} == previous
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["quiet", "debug"])
+def test_the_runners_shutdown_errors_keep_their_message_and_lose_their_traceback(
+    monkeypatch: pytest.MonkeyPatch, debug: bool
+) -> None:
+    # Seen in the Prefect 3.2 compat leg: anyio's "Set changed size during iteration", logged
+    # by asyncio with a traceback as Prefect's runner shut down after its API had gone.
+    from cm_tasks import deployments
+
+    asyncio_logger, seen = logging.getLogger("asyncio"), _Records()
+
+    def serve_then_fail_at_shutdown(*_deployments: Any, **_options: Any) -> None:
+        try:
+            raise RuntimeError("Set changed size during iteration")
+        except RuntimeError:
+            asyncio_logger.exception("Exception in callback CancelScope")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prefect, "serve", serve_then_fail_at_shutdown)
+    monkeypatch.setattr(deployments, "_pause_served", lambda specs: None)
+    asyncio_logger.addHandler(seen)  # after the logger's filters, whatever Prefect's set-up
+    try:
+        with pytest.raises(SystemExit):
+            main([*(["--debug"] if debug else []), "serve", "--no-watchdog"])
+    finally:
+        asyncio_logger.removeHandler(seen)
+
+    [record] = seen.records
+    assert record.getMessage() == "Exception in callback CancelScope"
+    assert (record.exc_info is not None) is debug
+    assert asyncio_logger.filters == []  # not left behind
