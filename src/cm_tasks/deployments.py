@@ -542,14 +542,17 @@ def _pause_served(specs: Sequence[DeploymentSpec]) -> None:
                 if not found.paused:
                     client.update_deployment(found.id, DeploymentUpdate(paused=True))
     except (httpx.HTTPError, OSError) as exc:
-        raise ServedNotPausedError(_no_answer(exc)) from exc
+        # Not chained: the error's request carries the Prefect API key in its headers.
+        raise ServedNotPausedError(_no_answer(exc)) from None
     except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C, or SIGINT after SIGTERM
         raise ServedNotPausedError("stopped again before the pause was done") from None
 
 
 def _no_answer(exc: Exception) -> str:
+    from cm_tasks._prefect_calls import status_of
+
     # Only the type and status: an API error body can quote the values sent.
-    status = getattr(getattr(exc, "response", None), "status_code", None)
+    status = status_of(exc)
     answer = f"answered {status}" if status else "did not answer"
     return f"the Prefect API {answer} ({type(exc).__name__})"
 

@@ -19,6 +19,7 @@ import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.states import Failed, Running
 
@@ -60,6 +61,23 @@ def _deployment(monkeypatch: pytest.MonkeyPatch, name: str) -> tuple[Any, Carbon
     return deployment_id, load_settings()
 
 
+def _run_for(deployment_id: Any, block: str, state: State | None = None) -> FlowRun:
+    """A run of the deployment for block, forced into state if one is given."""
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"token_block": block}
+        )
+        if state is not None:
+            client.set_flow_run_state(run.id, state, force=True)
+    return run
+
+
+def _refresh(block: str, settings: CarbonMapperSettings) -> Any:
+    return refresh_through_deployment(
+        block, settings.base_url, settings, time.monotonic() + WAIT_SECONDS
+    )
+
+
 def _run_ids(client: SyncPrefectClient, deployment_id: Any) -> list[str]:
     only = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
     return [str(run.id) for run in client.read_flow_runs(deployment_filter=only)]
@@ -71,16 +89,11 @@ def test_a_caller_behind_the_server_joins_the_run_just_started(
     # Before: runs were listed up to "now + 1 min" on the local clock; 5 min behind, a run the
     # server had just created was left out and the caller started a second one.
     deployment_id, settings = _deployment(monkeypatch, "skew-behind")
-    with get_client(sync_client=True) as client:
-        live = client.create_flow_run_from_deployment(
-            deployment_id, parameters={"token_block": "skew-behind-token"}
-        )
+    live = _run_for(deployment_id, "skew-behind-token")
     _skew_local_clock(monkeypatch, -timedelta(minutes=5))
 
     with pytest.raises(RefreshTimeoutError) as caught:  # no worker: the joined run stays put
-        refresh_through_deployment(
-            "skew-behind-token", settings.base_url, settings, time.monotonic() + WAIT_SECONDS
-        )
+        _refresh("skew-behind-token", settings)
 
     assert caught.value.flow_run_id == str(live.id)
     with get_client(sync_client=True) as client:
@@ -93,18 +106,12 @@ def test_a_caller_ahead_of_the_server_does_not_crash_a_healthy_run(
     # Before: a run Running for "local now - start time" past the refresh's bound was crashed;
     # a clock that far ahead crashed a run that had just started.
     deployment_id, settings = _deployment(monkeypatch, "skew-ahead")
-    with get_client(sync_client=True) as client:
-        healthy = client.create_flow_run_from_deployment(
-            deployment_id, parameters={"token_block": "skew-ahead-token"}
-        )
-        client.set_flow_run_state(healthy.id, Running(), force=True)
+    healthy = _run_for(deployment_id, "skew-ahead-token", Running())
     bound = timedelta(seconds=refresh_time_bound(settings))
     _skew_local_clock(monkeypatch, bound + timedelta(minutes=5))
 
     with pytest.raises(RefreshTimeoutError) as caught:
-        refresh_through_deployment(
-            "skew-ahead-token", settings.base_url, settings, time.monotonic() + WAIT_SECONDS
-        )
+        _refresh("skew-ahead-token", settings)
 
     assert caught.value.flow_run_id == str(healthy.id)  # joined, not crashed and replaced
     with get_client(sync_client=True) as client:
@@ -118,11 +125,7 @@ def test_a_caller_ahead_of_the_server_gets_the_failure_of_a_run_that_just_failed
     # Before: the 60 s hold after a failed run was measured as "local now - end time"; a clock
     # 5 min ahead found every failure older than the hold and started a new run at once.
     deployment_id, settings = _deployment(monkeypatch, "skew-hold")
-    with get_client(sync_client=True) as client:
-        failed = client.create_flow_run_from_deployment(
-            deployment_id, parameters={"token_block": "skew-hold-token"}
-        )
-        client.set_flow_run_state(failed.id, Failed(message="BadCredentialsError"), force=True)
+    failed = _run_for(deployment_id, "skew-hold-token", Failed(message="BadCredentialsError"))
     _skew_local_clock(monkeypatch, timedelta(minutes=5))
     sent: list[str] = []
     send, caller = httpx.Client.send, threading.get_ident()
@@ -136,9 +139,7 @@ def test_a_caller_ahead_of_the_server_gets_the_failure_of_a_run_that_just_failed
 
     monkeypatch.setattr(httpx.Client, "send", counted)
 
-    outcome = refresh_through_deployment(
-        "skew-hold-token", settings.base_url, settings, time.monotonic() + WAIT_SECONDS
-    )
+    outcome = _refresh("skew-hold-token", settings)
 
     assert isinstance(outcome, RefreshRunError)
     assert outcome.flow_run_id == str(failed.id)
