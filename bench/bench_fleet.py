@@ -8,8 +8,9 @@ Prefect and cm_tasks are imported; then all get `go`) and call `get_stac_token()
 - **steady state**: the stored token is fresh; CALLS calls per process;
 - **naive pattern**, for reference: each call is a `Secret.load(...)` of the token (what a task
   that loads a block itself costs);
-- **renewal**: the stored token is about to expire and the emulator answers `token/pair` after S
-  seconds, then 2S, so that a renewal takes at least S; in `inline` mode (the processes hold
+- **renewal**: the stored token is about to expire (the block is first saved by the refresh
+  flow, as a block in use is, then given an older token) and the emulator answers `token/pair`
+  after S seconds, then 2S, so that a renewal takes at least S; in `inline` mode (the processes hold
   the credentials) and in `deployment` mode (`cm-tasks serve` runs refresh-stac-token/weekly;
   its own traffic, its flow runs included, goes through a port of its own and is reported
   apart).
@@ -509,6 +510,7 @@ def main() -> int:
         os.environ["PREFECT_API_URL"] = server.api_url  # this process: set-up, straight to the API
         from prefect.blocks.system import Secret
 
+        from cm_tasks import refresh_stac_token
         from cm_tasks.testing import DEMO_EMAIL, DEMO_PASSWORD, Fault, run_emulator
 
         upstream = urlsplit(server.api_url)
@@ -574,8 +576,11 @@ def main() -> int:
                         # `refreshed` event (minutes old here, days in real use) must not
                         # count against this one.
                         block = f"bench-fleet-{mode}-{seconds:g}s".replace(".", "-")
-                        old = save_token_block(emulator, STALE, block)
                         emulator.clear_faults()
+                        # Saved first by the refresh flow, as a block in use is (its first
+                        # save makes the renewal lease's limit), then two weeks older.
+                        refresh_stac_token(token_block=block, base_url=emulator.base_url)
+                        old = save_token_block(emulator, STALE, block)
                         emulator.fail(TOKEN_PAIR, Fault.delay(seconds))
                         env = {
                             "CM_REFRESH_MODE": mode,

@@ -54,7 +54,7 @@ def take_slot(
         if taken:
             return Slot(name, lease_id)
         # No limit of that name yet (or deleted, or a database reset): make it, try again.
-        _create_limit(client, name)
+        create_limit(client, name)
     raise LookupError(name)
 
 
@@ -79,7 +79,8 @@ def _increment(
     return bool(response.json()), None
 
 
-def _create_limit(client: SyncPrefectClient, name: str) -> None:
+def create_limit(client: SyncPrefectClient, name: str) -> None:
+    """Make the global concurrency limit `name` with one slot; nothing if it exists."""
     try:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
     except ObjectAlreadyExists:
@@ -104,3 +105,4 @@ def stopped_before_start(exc: BaseException) -> bool:
     ("Runner has not yet started") until the runner has started. Prefect 3.9 exits 0 instead.
     """
     return isinstance(exc, RuntimeError) and "Runner has not yet started" in str(exc)
+

@@ -17,13 +17,13 @@ from prefect.client.orchestration import get_client
 
 from cm_tasks import _compat, _messages
 from cm_tasks._compat import prefect_has_leases
+from cm_tasks._lease_limit import lease_name
 from cm_tasks._prefect_calls import bounded_calls, prefect_api
 from cm_tasks.retry import RetryPolicy
 from cm_tasks.settings import CarbonMapperSettings
 
 __all__ = ["lease_name", "prefect_has_leases", "refresh_time_bound", "try_lease"]
 
-LEASE_PREFIX = "cm-tasks-refresh-"
 LEASE_MARGIN_SECONDS = 60.0
 """Added to the worst-case API time: reading the Secret blocks, saving the token, the event."""
 CONNECT_SECONDS = 10.0
@@ -32,11 +32,6 @@ RELEASE_WAITS = (0.5, 1.0, 2.0, 4.0)
 """Pauses between attempts to give the slot back after a transient Prefect API error."""
 
 _logger = logging.getLogger("cm_tasks")
-
-
-def lease_name(block_name: str) -> str:
-    """The global concurrency limit that serialises renewals of block_name."""
-    return f"{LEASE_PREFIX}{block_name}"
 
 
 def refresh_time_bound(settings: CarbonMapperSettings) -> float:

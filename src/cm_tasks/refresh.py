@@ -14,6 +14,7 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
 from pydantic import BaseModel, ConfigDict
 
+from cm_tasks._lease_limit import create_lease_limit
 from cm_tasks._logging import RunLogger, current_logger
 from cm_tasks.blocks import CarbonMapperStacToken, load_token_block
 from cm_tasks.client import CarbonMapperClient
@@ -213,14 +214,16 @@ def _refresh(
     finally:
         if client is None:
             api.close()
-    _warn_if_replacing_another_api(request.token_block, token.base_url)
+    first_save = _is_first_save(request.token_block, token.base_url)
     save_stac_token(token, request.token_block)
+    if first_save:  # its renewal lease, made once here rather than by each waiting process
+        create_lease_limit(request.token_block)
     publish_refreshed(token, request.token_block)
     return token
 
 
-def _warn_if_replacing_another_api(block_name: str, base_url: str) -> None:
-    """Say so when the block about to be overwritten holds a token for another API.
+def _is_first_save(block_name: str, base_url: str) -> bool:
+    """Whether there is no block block_name yet; warns if it holds a token for another API.
 
     Inline and 401-triggered refreshes never get here with such a block (`cm_tasks.access`
     refuses first); the explicit refresh flow may replace it, but not silently.
@@ -228,8 +231,10 @@ def _warn_if_replacing_another_api(block_name: str, base_url: str) -> None:
     try:
         existing = load_token_block(block_name)
     except Exception:  # only for a warning: an unreadable block is replaced as before
-        return
-    if existing is not None and api_identity(existing.base_url) != api_identity(base_url):
+        return False
+    if existing is None:
+        return True
+    if api_identity(existing.base_url) != api_identity(base_url):
         current_logger().warning(
             "Block %r held a token for %s; it now holds one for %s (base_url). Code that "
             "uses this block with the other API will get a ConfigurationError: give each API "
@@ -238,6 +243,7 @@ def _warn_if_replacing_another_api(block_name: str, base_url: str) -> None:
             existing.base_url,
             base_url,
         )
+    return False
 
 
 def _login_command(request: RefreshRequest) -> str:

@@ -38,7 +38,7 @@ from cm_tasks import (
     stac_http_client,
     token_cache_info,
 )
-from cm_tasks._refresh_lease import lease_name
+from cm_tasks._lease_limit import lease_name
 from cm_tasks.testing import CarbonMapperEmulator
 from tests.support.leaks import assert_no_leak, collect_secrets
 from tests.support.prefect_server import PrefectServer, running_prefect_server, stop_process_group

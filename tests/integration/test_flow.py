@@ -20,9 +20,11 @@ from cm_tasks import (
     CarbonMapperStacToken,
     ConfigurationError,
     CredentialsBlockError,
+    _compat,
     refresh_stac_token,
 )
 from cm_tasks._jwt import decode_claims
+from cm_tasks._lease_limit import lease_name
 from cm_tasks.testing import CarbonMapperEmulator, Fault
 from tests.support.token_helpers import (
     EMAIL_BLOCK,
@@ -109,6 +111,54 @@ def test_second_run_rotates_the_token(carbon_mapper_credentials: CarbonMapperEmu
     assert second.get() != first
     assert second.get() == carbon_mapper_credentials.issued_stac_tokens[-1]
     assert is_days_after_today(second.expires_at.date(), 30, since=since)
+
+
+def _delete_lease_limit() -> None:
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
+        client.delete_global_concurrency_limit_by_name(lease_name(TOKEN_BLOCK))
+
+
+def _lease_limit() -> int | None:
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_global_concurrency_limit_by_name(lease_name(TOKEN_BLOCK)).limit
+        except ObjectNotFound:
+            return None
+
+
+def test_the_first_save_of_a_block_makes_its_renewal_limit_and_later_saves_do_not(
+    carbon_mapper_credentials: CarbonMapperEmulator, no_token_block: None
+) -> None:
+    _delete_lease_limit()
+
+    refresh_stac_token()
+    # Made once here, so that a fleet waiting on the block's first renewal finds it.
+    assert _lease_limit() == 1
+
+    _delete_lease_limit()
+    refresh_stac_token()
+    assert _lease_limit() is None  # the block existed: no request for the limit
+
+
+def test_a_renewal_limit_prefect_refuses_to_make_does_not_fail_the_refresh(
+    carbon_mapper_credentials: CarbonMapperEmulator,
+    no_token_block: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _delete_lease_limit()
+
+    def refuse(*args: object) -> None:
+        raise RuntimeError("503 from the Prefect API")
+
+    monkeypatch.setattr(_compat, "create_limit", refuse)
+    state = refresh_stac_token(return_state=True)
+
+    assert state.is_completed()
+    assert (
+        CarbonMapperStacToken.load(TOKEN_BLOCK).get()
+        == (carbon_mapper_credentials.issued_stac_tokens[-1])
+    )
+    assert _lease_limit() is None
 
 
 def test_default_token_name_has_utc_date_and_time(

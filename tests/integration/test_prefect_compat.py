@@ -18,7 +18,8 @@ from prefect.exceptions import PrefectHTTPStatusError
 from prefect.utilities.callables import parameter_schema
 
 from cm_tasks import TokenBlockError, _compat, _refresh_lease, refresh_stac_token
-from cm_tasks._refresh_lease import lease_name, prefect_has_leases, try_lease
+from cm_tasks._lease_limit import lease_name
+from cm_tasks._refresh_lease import prefect_has_leases, try_lease
 from cm_tasks.watchdog import check_stac_token
 
 
