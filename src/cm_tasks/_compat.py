@@ -7,6 +7,7 @@ else. The rest of the package calls these functions and never tests a version it
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,3 +107,18 @@ def stopped_before_start(exc: BaseException) -> bool:
     """
     return isinstance(exc, RuntimeError) and "Runner has not yet started" in str(exc)
 
+
+def show_serve_banner(deployments: Sequence[Any]) -> None:
+    """Print what `prefect.serve` prints once its deployments are registered.
+
+    Prefect 3.2-3.9: `prefect.flows._display_serve_start_message` (private); a plain line of
+    the same meaning if a release drops it.
+    """
+    from prefect import flows
+
+    show = getattr(flows, "_display_serve_start_message", None)
+    if show is not None:
+        show(*deployments)
+        return
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+    print(f"Your deployments are being served and polling for scheduled runs! ({names})")

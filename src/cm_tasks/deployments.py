@@ -32,11 +32,13 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import signal
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -463,7 +465,8 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
     Prefect's `serve`: registers the deployments (the same names, schedules and limits as
     `deploy`), then polls for their scheduled runs and for runs started from the UI or with
     `prefect deployment run`, and executes them here. On shutdown it pauses their
-    schedules, as nothing runs them any more; `serve` or `deploy` again resumes them.
+    schedules, as nothing runs them any more; `serve` or `deploy` again resumes them. A stop
+    while a deployment is being registered takes effect once that registration is done.
 
     Args:
         watchdog: Also serve `check-stac-token/daily`.
@@ -474,7 +477,7 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
     Raises:
         ServedNotPausedError: stopped, but the schedules could not be paused: the Prefect API
             did not answer (each call waits at most `PAUSE_TIMEOUT_SECONDS`), or a second
-            stop cut the pause short. They are still active.
+            stop cut the registration or the pause short. They may still be active.
 
     Example:
         ```python
@@ -483,18 +486,14 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
         serve(watchdog=False)  # blocks until Ctrl-C
         ```
     """
-    from prefect import serve as prefect_serve
+    from prefect.exceptions import TerminationSignal
 
     from cm_tasks._compat import stopped_before_start
 
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        # Paused by _pause_served, in bounded time: Prefect's own pause retries an API that
-        # stopped with this process for over a minute, then fails with a traceback.
-        prefect_serve(
-            *build_deployments(watchdog=watchdog, self_heal=self_heal), pause_on_shutdown=False
-        )
-    except KeyboardInterrupt:
+        _serve_until_stopped(build_deployments(watchdog=watchdog, self_heal=self_heal))
+    except (KeyboardInterrupt, TerminationSignal):
         pass  # Ctrl-C, or SIGTERM before Prefect's runner took it over (see `cm-tasks serve`)
     except SystemExit as exc:  # Prefect's SIGTERM handler exits 0
         if exc.code not in (0, None):
@@ -508,6 +507,54 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
         if on_sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_sigterm)
     _pause_served(deployment_specs(watchdog))
+
+
+def _serve_until_stopped(served: Sequence[RunnerDeployment]) -> None:
+    """What `prefect.serve` does, with a stop during a registration held until it is done.
+
+    Prefect's runner registers each deployment from a thread of its own and waits for it
+    here: a stop raised meanwhile left that registration running, to make the deployment
+    active again after the pause (seen on Prefect 3.9). Its own pause on shutdown is off:
+    `_pause_served` pauses, in bounded time (Prefect's retries an API that stopped with this
+    process for over a minute, then fails with a traceback).
+    """
+    from prefect.runner import Runner
+
+    from cm_tasks._compat import show_serve_banner
+
+    runner = Runner(pause_on_shutdown=False)
+    with _stops_held() as stops:
+        for deployment in served:
+            runner.add_deployment(deployment)
+            if stops:
+                return
+    show_serve_banner(served)
+    asyncio.run(runner.start())
+
+
+@contextmanager
+def _stops_held() -> Iterator[list[int]]:
+    """Note SIGINT and SIGTERM instead of acting on them; a second one gives up at once.
+
+    Yields the signals noted. Only the main thread can handle signals: elsewhere, none is held.
+    """
+    stops: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stops
+        return
+
+    def note(signum: int, _frame: object) -> None:
+        if stops:  # a second Ctrl-C: the registration in flight may still activate a schedule
+            raise ServedNotPausedError("stopped again while a deployment was being registered")
+        stops.append(signum)
+
+    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stops
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, left as it is
+                signal.signal(signum, handler)
 
 
 def _pause_served(specs: Sequence[DeploymentSpec]) -> None:

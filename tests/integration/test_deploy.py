@@ -179,21 +179,17 @@ def test_serve_pauses_what_a_broken_prefect_shutdown_left_active(
     pausing them, as that runner does after its failed cancel (and as it is asked to: the
     pause is ours, bounded in time).
     """
-    import prefect
+    from cm_tasks import deployments
 
-    options: dict[str, Any] = {}
-
-    def serve_then_break(*served: Any, **given: Any) -> None:
-        options.update(given)
+    def serve_then_break(served: Any) -> None:
         for runner_deployment in served:
             runner_deployment.apply()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prefect, "serve", serve_then_break)
+    monkeypatch.setattr(deployments, "_serve_until_stopped", serve_then_break)
 
     serve()  # the stop is a return, once the schedules are paused
 
-    assert options == {"pause_on_shutdown": False}
     for spec in DEPLOYMENTS:
         assert _read(spec.full_name).paused is True, spec.full_name
 
@@ -203,10 +199,11 @@ def test_a_second_stop_during_the_pause_says_the_schedules_are_not_paused(
 ) -> None:
     # Found by a reviewer: SIGTERM, then SIGINT 50 ms later (a second Ctrl-C, a service
     # manager's follow-up) cut the pause short, and `cm-tasks serve` said "paused" anyway.
-    import prefect
     from prefect.client.orchestration import SyncPrefectClient
 
-    def serve_then_stop(*served: Any, **_options: Any) -> None:
+    from cm_tasks import deployments
+
+    def serve_then_stop(served: Any) -> None:
         for runner_deployment in served:
             runner_deployment.apply()
         raise KeyboardInterrupt
@@ -214,7 +211,7 @@ def test_a_second_stop_during_the_pause_says_the_schedules_are_not_paused(
     def stopped_again(*_args: Any, **_kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prefect, "serve", serve_then_stop)
+    monkeypatch.setattr(deployments, "_serve_until_stopped", serve_then_stop)
     monkeypatch.setattr(SyncPrefectClient, "update_deployment", stopped_again)
 
     with pytest.raises(ServedNotPausedError, match="stopped again before the pause was done"):
@@ -232,13 +229,14 @@ def test_a_second_sigterm_during_the_pause_meets_the_handler_from_before_prefect
     import os
     import signal
 
-    import prefect
     from prefect.client.orchestration import SyncPrefectClient
+
+    from cm_tasks import deployments
 
     def runners_handler(*_args: Any) -> None:
         raise RuntimeError("Runner has not yet started")
 
-    def serve_then_stop(*served: Any, **_options: Any) -> None:
+    def serve_then_stop(served: Any) -> None:
         signal.signal(signal.SIGTERM, runners_handler)
         for runner_deployment in served:
             runner_deployment.apply()
@@ -247,7 +245,7 @@ def test_a_second_sigterm_during_the_pause_meets_the_handler_from_before_prefect
     def sigterm_again(*_args: Any, **_kwargs: Any) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(prefect, "serve", serve_then_stop)
+    monkeypatch.setattr(deployments, "_serve_until_stopped", serve_then_stop)
     monkeypatch.setattr(SyncPrefectClient, "update_deployment", sigterm_again)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as `cm-tasks serve`
     try:

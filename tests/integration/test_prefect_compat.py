@@ -276,11 +276,11 @@ def test_a_sigterm_while_prefects_runner_starts_stops_serve_cleanly(
     # schedules paused, then `serve` returns; any other RuntimeError is still raised.
     from cm_tasks import deployments
 
-    def starting(*args: Any, **kwargs: Any) -> None:
+    def starting(served: Any) -> None:
         raise RuntimeError(message)
 
     paused: list[Any] = []
-    monkeypatch.setattr(prefect, "serve", starting)
+    monkeypatch.setattr(deployments, "_serve_until_stopped", starting)
     monkeypatch.setattr(deployments, "_pause_served", paused.append)
     if message == "other":
         with pytest.raises(RuntimeError, match="other"):
