@@ -123,8 +123,23 @@ def waited_too_long(block_name: str, bound: float) -> str:
 
 def their_failure(block_name: str, error: str, retry_after: float, run: str | None) -> str:
     """Another process's renewal, which this one waited for, failed."""
-    cool = f" Nobody renews the block for {retry_after:.0f} s: it may hold an unsaved token."
+    why = (
+        "the credentials were refused (each try is a failed login on the account): update "
+        "them with `cm-tasks login`"
+        if error == "BadCredentialsError"
+        else "it may hold an unsaved token"
+    )
+    cool = f" Nobody renews the block for {retry_after:.0f} s: {why}."
     return (
         f"Another process's renewal of block {block_name!r} failed ({error}): see "
         f"{f'the refresh run {run!r}' if run else 'its log'}.{cool if retry_after else ''}"
+    )
+
+
+def refused_login_held(refused: str, seconds: float) -> str:
+    """The API refused the credentials a moment ago: said to the callers that do not try again."""
+    return (
+        f"{refused} Until {seconds:.0f} s after that refusal, callers in this process get this "
+        "error without logging in again (each try would be a failed login on the account); "
+        "`clear_token_cache()` ends the wait after you fix the credentials."
     )

@@ -7,7 +7,8 @@
   block's lease once; if it is held, it listens on Prefect's events stream for the holder's
   outcome and reads the block once, with a slow jittered read where the stream is silent.
 - A create-stac that may have made a token is everyone's failure, then a cool-down: the next
-  renewal is one decision under the lease, not a race.
+  renewal is one decision under the lease, not a race. Refused credentials cool down too: a
+  wrong password is one failed login per minute, not one per caller.
 - One outage rule for every mode: a caller whose cached token has not expired waits at most
   `PATIENCE_SECONDS` and gets that token on any failure but a configuration error.
 """
@@ -39,6 +40,7 @@ from cm_tasks.blocks import CarbonMapperStacToken, load_token_block
 from cm_tasks.client import CREATE_STAC_PATH
 from cm_tasks.errors import (
     APIUnavailableError,
+    BadCredentialsError,
     CarbonMapperAPIError,
     ConfigurationError,
     RefreshRunError,
@@ -62,6 +64,8 @@ OUTAGE_RETRY_SECONDS = 30.0
 """After a failed renewal, a cached token is served this long without trying again."""
 COOL_DOWN_SECONDS = 60.0
 """After a create-stac that may have made a token, nobody renews the block for this long."""
+REFUSED_LOGIN_HOLD_SECONDS = 60.0
+"""After the API refused the credentials, nobody logs in with them again for this long."""
 FALLBACK_SECONDS = (30.0, 60.0)
 """A waiter that hears nothing reads the block once somewhere in this range (jittered)."""
 EVENT_CLOCK_SLACK = timedelta(seconds=2)
@@ -380,9 +384,9 @@ def _mint(call: Call) -> CarbonMapperStacToken:
 
 def _announce_failure(call: Call, error: Exception) -> None:
     """Tell this process and every waiting one how the renewal ended, and the cool-down."""
-    cool_down = COOL_DOWN_SECONDS if _may_have_made_a_token(error) else 0.0
+    cool_down = _cool_down(error)
     if cool_down:
-        _token_cache.cool_down(call.key, cool_down, error)
+        _token_cache.cool_down(call.key, cool_down, _held(error, cool_down))
     payload = {
         "error": type(error).__name__,
         "retry_after": cool_down,
@@ -419,6 +423,31 @@ def _their_failure(
     if retry_after > age:
         _token_cache.cool_down(call.key, retry_after - age, error)
     return error
+
+
+def _cool_down(error: Exception) -> float:
+    """Seconds nobody renews the block after error: 0 where trying again at once may work.
+
+    A create-stac that may have made a token: the next renewal is a decision, not a race.
+    Credentials the API refused: each caller's renewal was one more failed login on the
+    account (as deployment mode's `FAILED_RUN_HOLD`, for inline renewals).
+    """
+    if _may_have_made_a_token(error):
+        return COOL_DOWN_SECONDS
+    if isinstance(error, BadCredentialsError):
+        return REFUSED_LOGIN_HOLD_SECONDS
+    return 0.0
+
+
+def _held(error: Exception, seconds: float) -> Exception:
+    """The error the callers of a cool-down get: refused credentials say for how long."""
+    if not isinstance(error, BadCredentialsError):
+        return error
+    return BadCredentialsError(
+        _messages.refused_login_held(str(error), seconds),
+        status_code=error.status_code,
+        endpoint=error.endpoint,
+    )
 
 
 def _may_have_made_a_token(error: Exception) -> bool:

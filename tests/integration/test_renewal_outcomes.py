@@ -18,9 +18,11 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+from prefect.blocks.system import Secret
 from prefect.events import emit_event
 
 from cm_tasks import (
+    BadCredentialsError,
     UnexpectedResponseError,
     aget_stac_token,
     clear_token_cache,
@@ -77,6 +79,41 @@ def test_a_create_stac_that_may_have_made_a_token_is_every_waiters_outcome_and_c
     with pytest.raises(UnexpectedResponseError):
         get_stac_token()
     assert emu.requests(CREATE_STAC) == 1
+
+
+def test_refused_credentials_are_one_login_a_minute_not_one_per_call(
+    carbon_mapper_credentials: CarbonMapperEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found by a reviewer: with a wrong password and no token to serve, every call logged in
+    # again (deployment mode holds a failed run's outcome for a minute; inline mode did not):
+    # a fleet of retrying ingest tasks was a stream of failed logins on the account.
+    emu = carbon_mapper_credentials
+    wrong = "not-the-password-7"
+    monkeypatch.setenv("CM_TOKEN_BLOCK", "refused-login-token")  # its cool-down is its own
+    monkeypatch.setenv("CM_PASSWORD_BLOCK", "refused-login-password")
+    Secret(value=wrong).save("refused-login-password", overwrite=True)
+    delete_token_block("refused-login-token")
+    clear_token_cache()
+    before = emu.requests(TOKEN_PAIR)
+
+    with pytest.raises(BadCredentialsError):
+        get_stac_token()
+    for _ in range(5):
+        with pytest.raises(BadCredentialsError) as held:
+            get_stac_token()
+
+    assert emu.requests(TOKEN_PAIR) - before == 1
+    message = str(held.value)
+    assert "without logging in again" in message
+    assert "cm-tasks login" in message
+    assert wrong not in message + caplog.text
+    # Credentials fixed: clear_token_cache() ends the wait at once.
+    monkeypatch.delenv("CM_PASSWORD_BLOCK")
+    clear_token_cache()
+    assert get_stac_token() == emu.issued_stac_tokens[-1]
+    assert emu.requests(TOKEN_PAIR) - before == 2
 
 
 def test_a_waiter_hears_another_holders_renewal_on_the_events_stream_without_polling(

@@ -168,3 +168,37 @@ def test_a_joined_renewals_configuration_error_is_remembered_for_its_route_only(
     assert entry.recent_failure(inline_call.route) is None
     assert isinstance(entry.recent_failure(deployment_call.route), ConfigurationError)
     _token_cache.clear_token_cache()
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        ("BadCredentialsError", "the credentials were refused"),
+        ("UnexpectedResponseError", "it may hold an unsaved token"),
+    ],
+)
+def test_another_processs_cool_down_says_why_nobody_renews(error: str, reason: str) -> None:
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT, Heard
+
+    now = datetime.now(timezone.utc)
+    heard = Heard(RENEWAL_FAILED_EVENT, now, {"error": error, "retry_after": 60.0})
+    call = _call()
+    failure = _renewal._their_failure(call, heard, since=now - timedelta(seconds=2))
+
+    assert failure is not None
+    assert f"Nobody renews the block for 60 s: {reason}" in str(failure)
+    assert _token_cache.cooling(call.key) is failure
+    _token_cache.clear_token_cache()
+
+
+def test_refused_credentials_cool_down_as_long_as_a_failed_refresh_run_holds() -> None:
+    from cm_tasks._deployment_refresh import FAILED_RUN_HOLD
+    from cm_tasks.errors import BadCredentialsError, CredentialsBlockError
+
+    refused = BadCredentialsError("401 from token/pair.", status_code=401, endpoint="token/pair")
+    assert _renewal._cool_down(refused) == FAILED_RUN_HOLD.total_seconds()
+    assert _renewal._cool_down(CredentialsBlockError("no such block")) == 0.0  # fixed, it works
+    held = _renewal._held(refused, 60.0)
+    assert isinstance(held, BadCredentialsError)
+    assert (held.status_code, held.endpoint) == (401, "token/pair")
+    assert str(held).startswith("401 from token/pair. Until 60 s after that refusal")
