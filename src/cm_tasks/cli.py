@@ -24,8 +24,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from typing import Annotated, Any, NoReturn, cast
 
@@ -87,6 +88,7 @@ class _Options:
     """Options of the whole command (`cm-tasks --debug ...`), set by the root callback."""
 
     debug = False
+    command_process = False  # main() runs as the process's own command (not called by code)
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -666,6 +668,8 @@ def serve(
             signal.signal(signum, handler)
         for name in _RUNNER_LOGGERS:
             logging.getLogger(name).removeFilter(no_traceback)
+        if _Options.command_process:
+            _exit_at_once_on_a_stop()
     if paused:
         _out().print(
             "Stopped. The served deployments' schedules are paused until `cm-tasks serve` or "
@@ -677,6 +681,25 @@ def serve(
     else:
         not_paused = not_paused or deployments.ServedNotPausedError("stopped again at once")
         _err().print(f"Stopped, but {not_paused}", highlight=False, markup=False)
+
+
+def _exit_at_once_on_a_stop() -> None:
+    """From here on, Ctrl-C or SIGTERM ends this process at once, with exit 0.
+
+    Once serve has stopped, all that is left is its last lines and Prefect's exit handlers,
+    which send its last logs and events (1-2 s, longer with its API gone): a stop then used
+    to kill the process by the signal (exit -15, or 143 in a container).
+    """
+
+    def exit_now(_signum: int, _frame: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(Exception):
+                stream.flush()
+        os._exit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, exit_now)
 
 
 # Where Prefect's runner reports its own troubles with tracebacks: its observer when the
@@ -718,6 +741,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     # events at exit; it sends them all the same. Not a thing a user can act on.
     logging.getLogger("EventsWorker").addFilter(_DropRecords(_still_processing))
     _Options.debug = False
+    _Options.command_process = argv is None
     try:
         result = app(args=argv, prog_name="cm-tasks", standalone_mode=False)
     except typer.Abort:

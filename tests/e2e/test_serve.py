@@ -132,3 +132,43 @@ def test_a_stop_after_the_prefect_api_has_gone_is_quick_and_says_nothing_was_pau
     assert process.returncode == 0, output
     assert "Traceback" not in output, output
     assert "schedules could not be paused: the Prefect API did not answer" in output, output
+
+
+# serve returns at once (stopped, schedules paused); then Prefect's exit handlers take long.
+_SLOW_EXIT = """
+import atexit, sys, time
+atexit.register(time.sleep, 60)  # as Prefect's exit handlers with its API gone
+from cm_tasks import cli, deployments
+deployments.serve = lambda **options: None
+sys.argv = ["cm-tasks", "serve", "--no-watchdog"]
+cli.main()  # as the console script calls it
+"""
+
+
+def test_a_stop_after_serves_last_line_ends_it_at_once_with_0(tmp_path: Path) -> None:
+    # Found by a reviewer: a stop during Prefect's exit handlers (its last logs and events,
+    # 1-2 s; longer with its API gone) killed serve by the signal: exit -15 (143 in a
+    # container) after it had said the schedules were paused.
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_EXIT],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        output = ""
+        for line in process.stdout:
+            output += line
+            if "Stopped." in line:
+                break
+        assert "Stopped." in output, output
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
