@@ -28,6 +28,7 @@ from cm_tasks import (
     CarbonMapperStacToken,
     ConfigurationError,
     TokenBlockError,
+    _prefect_calls,
     _refresh_lease,
     aget_stac_token,
     clear_token_cache,
@@ -316,12 +317,17 @@ async def test_a_prefect_outage_serves_the_cached_token_with_a_warning(
 
 
 def test_a_prefect_api_that_stops_answering_serves_the_cached_token(
-    carbon_mapper_env: CarbonMapperEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    carbon_mapper_env: CarbonMapperEmulator,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Not refused connections but a hung API (an overloaded server, a proxy whose backend
     # died): it accepts connections and never answers. Prefect's client would wait its
     # request time-out on every one of its retries while callers hold a valid token.
     emu = carbon_mapper_env
+    # The bound, shorter than its 10 s: the hung read below ends in seconds, not half a minute.
+    monkeypatch.setattr(_prefect_calls, "CALL_SECONDS", 2.0)
     with running_prefect_server(tmp_path, services=False) as hung_server, _on(hung_server):
         cached = save_token(emu, mint(emu), timedelta(minutes=50)).get()
         assert get_stac_token(min_valid=timedelta(minutes=10)) == cached
@@ -338,7 +344,7 @@ def test_a_prefect_api_that_stops_answering_serves_the_cached_token(
                 ThreadPoolExecutor(max_workers=1) as pool,
             ):
                 call = pool.submit(contextvars.copy_context().run, get_stac_token)
-                # A guard against hanging the suite, far above the bounded re-read (10 s);
+                # A guard against hanging the suite, far above the bounded re-read;
                 # before the bound, the call took 6 x 60 s.
                 assert call.result(timeout=150) == cached
             wait_for_renewals()  # the hung read ends (bounded) with its warning
