@@ -13,6 +13,7 @@ import logging
 from prefect.client.orchestration import get_client
 
 from cm_tasks import _compat
+from cm_tasks._prefect_calls import bounded_calls
 
 __all__ = ["LEASE_PREFIX", "create_lease_limit", "lease_name"]
 
@@ -34,11 +35,17 @@ def lease_name(block_name: str) -> str:
 def create_lease_limit(block_name: str) -> None:
     """Make the renewal limit of block_name on the current Prefect API, if it is missing.
 
-    Never raises: without the limit, the first renewal makes it (`_compat.take_slot`).
+    Never raises, and waits no longer than `bounded_calls` lets a request: without the limit,
+    the first renewal makes it (`_compat.take_slot`).
     """
     name = lease_name(block_name)
     try:
-        with get_client(sync_client=True) as client:
-            _compat.create_limit(client, name)
+        with bounded_calls(f"make the renewal limit {name!r}") as call:
+            call(_create, name)
     except Exception as exc:
-        _logger.debug("The renewal limit %r was not made now (%s): a renewal will.", name, exc)
+        _logger.debug("%s A renewal will make it.", exc)
+
+
+def _create(name: str) -> None:
+    with get_client(sync_client=True) as client:
+        _compat.create_limit(client, name)

@@ -216,9 +216,9 @@ def _refresh(
             api.close()
     first_save = _is_first_save(request.token_block, token.base_url)
     save_stac_token(token, request.token_block)
+    publish_refreshed(token, request.token_block)
     if first_save:  # its renewal lease, made once here rather than by each waiting process
         create_lease_limit(request.token_block)
-    publish_refreshed(token, request.token_block)
     return token
 
 

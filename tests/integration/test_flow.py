@@ -8,11 +8,13 @@ import re
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
+import httpx
 import pytest
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import temporary_settings
 from prefect.states import State
 
 from cm_tasks import (
@@ -159,6 +161,31 @@ def test_a_renewal_limit_prefect_refuses_to_make_does_not_fail_the_refresh(
         == (carbon_mapper_credentials.issued_stac_tokens[-1])
     )
     assert _lease_limit() is None
+
+
+def test_making_the_renewal_limit_waits_no_longer_than_a_bounded_prefect_call(
+    carbon_mapper_credentials: CarbonMapperEmulator,
+    no_token_block: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found by a reviewer: a Prefect API that answered 503 to this one POST held the refresh
+    # for 64 s (Prefect's 5 retries), for a limit that a renewal makes anyway.
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_CLIENT_MAX_RETRIES
+
+    _delete_lease_limit()
+    bounds: list[tuple[float, int]] = []
+
+    def hung(*_args: object) -> None:
+        bounds.append((PREFECT_API_REQUEST_TIMEOUT.value(), PREFECT_CLIENT_MAX_RETRIES.value()))
+        raise httpx.ReadTimeout("no answer")
+
+    monkeypatch.setattr(SyncPrefectClient, "create_global_concurrency_limit", hung)
+    with temporary_settings({PREFECT_API_REQUEST_TIMEOUT: 60, PREFECT_CLIENT_MAX_RETRIES: 5}):
+        state = refresh_stac_token(return_state=True)
+
+    assert state.is_completed()
+    assert bounds == [(10.0, 2)]
 
 
 def test_default_token_name_has_utc_date_and_time(
