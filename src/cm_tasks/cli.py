@@ -639,7 +639,8 @@ def serve(
         signum: signal.signal(signum, lambda signum, _frame: stop_asked.append(signum))
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
-    registering = paused = False
+    registering = False
+    paused: list[str] = []  # what serve registered, then paused
     not_paused: deployments.ServedNotPausedError | None = None
     no_traceback = _NoTraceback()
     if not _Options.debug:
@@ -657,11 +658,11 @@ def serve(
                 raise KeyboardInterrupt
             registering = True
             try:
-                deployments.serve(watchdog=watchdog, self_heal=self_heal)
-                paused = True
+                paused = deployments.serve(watchdog=watchdog, self_heal=self_heal)
+                registering = bool(paused)
             except deployments.ServedNotPausedError as exc:
                 not_paused = exc
-    except KeyboardInterrupt:  # before registering, or a second stop just before the pause
+    except KeyboardInterrupt:  # before serve, or (seldom) between its steps: not known paused
         pass
     finally:
         for signum, handler in previous.items():

@@ -459,20 +459,22 @@ def deploy(
     return DeployReport(pool=pool_result, deployments=results)
 
 
-def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
+def serve(*, watchdog: bool = True, self_heal: bool = True) -> list[str]:
     """Run the cm-tasks deployments from this process until Ctrl-C or SIGTERM (no pool, no worker).
 
     Prefect's `serve`: registers the deployments (the same names, schedules and limits as
     `deploy`), then polls for their scheduled runs and for runs started from the UI or with
-    `prefect deployment run`, and executes them here. On shutdown it pauses their
-    schedules, as nothing runs them any more; `serve` or `deploy` again resumes them. A stop
-    while a deployment is being registered takes effect once that registration is done.
+    `prefect deployment run`, and executes them here. On shutdown it pauses the schedules it
+    registered, as nothing runs them any more; `serve` or `deploy` again resumes them. A stop
+    while Prefect registers a deployment or prepares its runner takes effect once that is done.
 
     Args:
         watchdog: Also serve `check-stac-token/daily`.
         self_heal: Give the weekly refresh its trigger on the expiring event (see `deploy`).
 
-    Returns once stopped and the schedules are paused.
+    Returns:
+        Once stopped, the full names of the deployments it registered, whose schedules are
+        now paused: none if it was stopped before it registered any.
 
     Raises:
         ServedNotPausedError: stopped, but the schedules could not be paused: the Prefect API
@@ -490,11 +492,12 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
 
     from cm_tasks._compat import stopped_before_start
 
+    registered: list[str] = []
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        _serve_until_stopped(build_deployments(watchdog=watchdog, self_heal=self_heal))
+        _serve_until_stopped(build_deployments(watchdog=watchdog, self_heal=self_heal), registered)
     except (KeyboardInterrupt, TerminationSignal):
-        pass  # Ctrl-C, or SIGTERM before Prefect's runner took it over (see `cm-tasks serve`)
+        pass  # Ctrl-C, or SIGTERM outside Prefect's runner and the held steps (`cm-tasks serve`)
     except SystemExit as exc:  # Prefect's SIGTERM handler exits 0
         if exc.code not in (0, None):
             raise
@@ -506,17 +509,22 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> None:
         # yet started" then): a second stop during the pause meets the one from before.
         if on_sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_sigterm)
-    _pause_served(deployment_specs(watchdog))
+    _pause_served(registered)
+    return registered
 
 
-def _serve_until_stopped(served: Sequence[RunnerDeployment]) -> None:
-    """What `prefect.serve` does, with a stop during a registration held until it is done.
+def _serve_until_stopped(served: Sequence[RunnerDeployment], registered: list[str]) -> None:
+    """What `prefect.serve` does, with a stop held while Prefect registers and prepares.
 
     Prefect's runner registers each deployment from a thread of its own and waits for it
     here: a stop raised meanwhile left that registration running, to make the deployment
     active again after the pause (seen on Prefect 3.9). Its own pause on shutdown is off:
     `_pause_served` pauses, in bounded time (Prefect's retries an API that stopped with this
     process for over a minute, then fails with a traceback).
+
+    Args:
+        served: the deployments to register and serve.
+        registered: filled with the full name of each deployment once it is registered.
     """
     from prefect.runner import Runner
 
@@ -525,9 +533,15 @@ def _serve_until_stopped(served: Sequence[RunnerDeployment]) -> None:
     runner = Runner(pause_on_shutdown=False)
     with _stops_held() as stops:
         for deployment in served:
-            runner.add_deployment(deployment)
             if stops:
-                return
+                break
+            runner.add_deployment(deployment)
+            registered.append(f"{deployment.flow_name}/{deployment.name}")
+        # What the runner imports before it takes SIGTERM over (Prefect 3.2-3.9: 1-2 s), while
+        # a stop is still held: raised inside an import, it comes out as another error.
+        importlib.import_module("prefect.runner.server")
+    if stops:
+        return
     show_serve_banner(served)
     asyncio.run(runner.start())
 
@@ -557,7 +571,7 @@ def _stops_held() -> Iterator[list[int]]:
                 signal.signal(signum, handler)
 
 
-def _pause_served(specs: Sequence[DeploymentSpec]) -> None:
+def _pause_served(full_names: Sequence[str]) -> None:
     """Pause the served deployments' schedules, giving up soon if the Prefect API is gone.
 
     The one pause on shutdown (Prefect's is turned off). Bounded: Prefect's client retries
@@ -581,9 +595,9 @@ def _pause_served(specs: Sequence[DeploymentSpec]) -> None:
     bounded = {PREFECT_CLIENT_MAX_RETRIES: 1, PREFECT_API_REQUEST_TIMEOUT: PAUSE_TIMEOUT_SECONDS}
     try:
         with temporary_settings(updates=bounded), get_client(sync_client=True) as client:
-            for spec in specs:
+            for full_name in full_names:
                 try:
-                    found = client.read_deployment_by_name(spec.full_name)
+                    found = client.read_deployment_by_name(full_name)
                 except ObjectNotFound:
                     continue
                 if not found.paused:

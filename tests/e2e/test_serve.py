@@ -139,7 +139,7 @@ _SLOW_EXIT = """
 import atexit, sys, time
 atexit.register(time.sleep, 60)  # as Prefect's exit handlers with its API gone
 from cm_tasks import cli, deployments
-deployments.serve = lambda **options: None
+deployments.serve = lambda **options: ["refresh-stac-token/weekly"]  # stopped, paused
 sys.argv = ["cm-tasks", "serve", "--no-watchdog"]
 cli.main()  # as the console script calls it
 """

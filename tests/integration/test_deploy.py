@@ -181,14 +181,15 @@ def test_serve_pauses_what_a_broken_prefect_shutdown_left_active(
     """
     from cm_tasks import deployments
 
-    def serve_then_break(served: Any) -> None:
+    def serve_then_break(served: Any, registered: list[str]) -> None:
         for runner_deployment in served:
             runner_deployment.apply()
+            registered.append(f"{runner_deployment.flow_name}/{runner_deployment.name}")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(deployments, "_serve_until_stopped", serve_then_break)
 
-    serve()  # the stop is a return, once the schedules are paused
+    assert serve() == [spec.full_name for spec in DEPLOYMENTS]  # a return, once paused
 
     for spec in DEPLOYMENTS:
         assert _read(spec.full_name).paused is True, spec.full_name
@@ -203,9 +204,10 @@ def test_a_second_stop_during_the_pause_says_the_schedules_are_not_paused(
 
     from cm_tasks import deployments
 
-    def serve_then_stop(served: Any) -> None:
+    def serve_then_stop(served: Any, registered: list[str]) -> None:
         for runner_deployment in served:
             runner_deployment.apply()
+            registered.append(f"{runner_deployment.flow_name}/{runner_deployment.name}")
         raise KeyboardInterrupt
 
     def stopped_again(*_args: Any, **_kwargs: Any) -> None:
@@ -236,10 +238,11 @@ def test_a_second_sigterm_during_the_pause_meets_the_handler_from_before_prefect
     def runners_handler(*_args: Any) -> None:
         raise RuntimeError("Runner has not yet started")
 
-    def serve_then_stop(served: Any) -> None:
+    def serve_then_stop(served: Any, registered: list[str]) -> None:
         signal.signal(signal.SIGTERM, runners_handler)
         for runner_deployment in served:
             runner_deployment.apply()
+            registered.append(f"{runner_deployment.flow_name}/{runner_deployment.name}")
         raise KeyboardInterrupt
 
     def sigterm_again(*_args: Any, **_kwargs: Any) -> None:

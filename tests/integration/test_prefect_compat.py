@@ -276,7 +276,8 @@ def test_a_sigterm_while_prefects_runner_starts_stops_serve_cleanly(
     # schedules paused, then `serve` returns; any other RuntimeError is still raised.
     from cm_tasks import deployments
 
-    def starting(served: Any) -> None:
+    def starting(served: Any, registered: list[str]) -> None:
+        registered.append("refresh-stac-token/weekly")
         raise RuntimeError(message)
 
     paused: list[Any] = []
@@ -288,4 +289,4 @@ def test_a_sigterm_while_prefects_runner_starts_stops_serve_cleanly(
         assert paused == []
         return
     deployments.serve(watchdog=False)
-    assert [spec.full_name for spec in paused[0]] == ["refresh-stac-token/weekly"]
+    assert paused == [["refresh-stac-token/weekly"]]

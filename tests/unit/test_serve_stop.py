@@ -46,7 +46,7 @@ def test_a_stop_signal_while_prefect_loads_stops_serve_cleanly(
         return lambda *deployments: served.append(deployments)
 
     monkeypatch.setattr(prefect, "__getattr__", loading)
-    monkeypatch.setattr(deployments, "_serve_until_stopped", served.append)
+    monkeypatch.setattr(deployments, "_serve_until_stopped", lambda *args: served.append(args))
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     with pytest.raises(SystemExit) as exited:
@@ -77,7 +77,7 @@ def test_the_runners_shutdown_errors_keep_their_message_and_lose_their_traceback
     # by asyncio with a traceback as Prefect's runner shut down after its API had gone.
     asyncio_logger, seen = logging.getLogger("asyncio"), _Records()
 
-    def serve_then_fail_at_shutdown(_served: Any) -> None:
+    def serve_then_fail_at_shutdown(_served: Any, _registered: list[str]) -> None:
         try:
             raise RuntimeError("Set changed size during iteration")
         except RuntimeError:
@@ -85,7 +85,7 @@ def test_the_runners_shutdown_errors_keep_their_message_and_lose_their_traceback
         raise KeyboardInterrupt
 
     monkeypatch.setattr(deployments, "_serve_until_stopped", serve_then_fail_at_shutdown)
-    monkeypatch.setattr(deployments, "_pause_served", lambda specs: None)
+    monkeypatch.setattr(deployments, "_pause_served", lambda full_names: None)
     asyncio_logger.addHandler(seen)  # after the logger's filters, whatever Prefect's set-up
     try:
         with pytest.raises(SystemExit):
@@ -138,7 +138,9 @@ def test_a_stop_while_a_deployment_is_registered_takes_effect_once_it_is(
         return runners[-1]
 
     monkeypatch.setattr(prefect.runner, "Runner", runner)
-    monkeypatch.setattr(deployments, "_pause_served", lambda specs: steps.append("paused"))
+    monkeypatch.setattr(
+        deployments, "_pause_served", lambda names: steps.append(f"paused {', '.join(names)}")
+    )
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as `cm-tasks serve`
     try:
         if len(stops) == 1:
@@ -151,8 +153,54 @@ def test_a_stop_while_a_deployment_is_registered_takes_effect_once_it_is(
         signal.signal(signal.SIGTERM, previous)
 
     if len(stops) == 1:
-        assert steps == ["registering weekly", "registered weekly", "paused"]
+        # Only what it registered: a daily check deployed to a pool is not serve's to pause.
+        assert steps == [
+            "registering weekly",
+            "registered weekly",
+            "paused refresh-stac-token/weekly",
+        ]
     else:
         assert steps == ["registering weekly"]
     [made] = runners
     assert made.options["pause_on_shutdown"] is False  # the pause is ours, bounded in time
+
+
+@pytest.mark.parametrize("stop_at", ["daily", "prepare"])
+def test_a_stop_after_the_last_registration_is_held_until_the_runner_takes_signals_over(
+    monkeypatch: pytest.MonkeyPatch, stop_at: str
+) -> None:
+    # Found by a reviewer on Prefect 3.9: SIGTERM just after the banner, while the runner
+    # imported its web server before installing its own handler, came out of that import as
+    # pydantic's SchemaError: a traceback, exit 1, both schedules left active.
+    import importlib
+
+    import prefect.runner
+
+    steps: list[str] = []
+    real_import = importlib.import_module
+
+    class Runner(_Runner):
+        def add_deployment(self, deployment: Any) -> None:
+            self.stops = [signal.SIGTERM] if deployment.name == stop_at else []
+            super().add_deployment(deployment)
+
+    def import_module(name: str, package: str | None = None) -> Any:
+        if name == "prefect.runner.server" and stop_at == "prepare":
+            steps.append("preparing")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_import(name, package)
+
+    monkeypatch.setattr(prefect.runner, "Runner", lambda **options: Runner(steps, [], **options))
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    monkeypatch.setattr(
+        deployments, "_pause_served", lambda names: steps.append(f"paused {', '.join(names)}")
+    )
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as `cm-tasks serve`
+    try:
+        registered = deployments.serve()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    assert registered == ["refresh-stac-token/weekly", "check-stac-token/daily"]
+    assert "started" not in steps
+    assert steps[-1] == "paused refresh-stac-token/weekly, check-stac-token/daily"
