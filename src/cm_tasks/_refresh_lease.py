@@ -25,7 +25,8 @@ from cm_tasks.settings import CarbonMapperSettings
 __all__ = ["lease_name", "prefect_has_leases", "refresh_time_bound", "try_lease"]
 
 LEASE_MARGIN_SECONDS = 60.0
-"""Added to the worst-case API time: reading the Secret blocks, saving the token, the event."""
+"""Added to the worst-case API time: reading the Secret blocks, saving the token, the event
+(and on a block's first save its renewal limit, an already-held one here: one quick 409)."""
 CONNECT_SECONDS = 10.0
 """The connect time-out of the token client (`CarbonMapperClient`): min(CM_TIMEOUT, 10 s)."""
 RELEASE_WAITS = (0.5, 1.0, 2.0, 4.0)
