@@ -44,6 +44,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
+from cm_tasks import _compat
 from cm_tasks.errors import CarbonMapperError
 from cm_tasks.schedules import (
     DAILY_CHECK_CRON,
@@ -490,19 +491,22 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> list[str]:
     """
     from prefect.exceptions import TerminationSignal
 
-    from cm_tasks._compat import stopped_before_start
-
     registered: list[str] = []
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        _serve_until_stopped(build_deployments(watchdog=watchdog, self_heal=self_heal), registered)
+        # Until Prefect's runner takes the signals over, a stop is held (see _stops_held).
+        with _stops_held() as stops:
+            served = build_deployments(watchdog=watchdog, self_heal=self_heal)
+            runner = _register(served, registered, stops)
+        if not stops:
+            _run_until_stopped(runner, served)
     except (KeyboardInterrupt, TerminationSignal):
         pass  # Ctrl-C, or SIGTERM outside Prefect's runner and the held steps (`cm-tasks serve`)
     except SystemExit as exc:  # Prefect's SIGTERM handler exits 0
         if exc.code not in (0, None):
             raise
     except RuntimeError as exc:
-        if not stopped_before_start(exc):
+        if not _compat.stopped_before_start(exc):
             raise
     finally:
         # Prefect's runner leaves its SIGTERM handler behind (3.4's raises "Runner has not
@@ -513,36 +517,38 @@ def serve(*, watchdog: bool = True, self_heal: bool = True) -> list[str]:
     return registered
 
 
-def _serve_until_stopped(served: Sequence[RunnerDeployment], registered: list[str]) -> None:
-    """What `prefect.serve` does, with a stop held while Prefect registers and prepares.
+def _register(served: Sequence[RunnerDeployment], registered: list[str], stops: list[int]) -> Any:
+    """Prefect's runner for served, with each deployment registered until a stop is noted.
 
-    Prefect's runner registers each deployment from a thread of its own and waits for it
-    here: a stop raised meanwhile left that registration running, to make the deployment
-    active again after the pause (seen on Prefect 3.9). Its own pause on shutdown is off:
+    What `prefect.serve` does before it runs the runner. Prefect's runner registers each
+    deployment from a thread of its own and waits for it here: a stop raised meanwhile left
+    that registration running, to make the deployment active again after the pause (seen on
+    Prefect 3.9); so this runs while stops are held. Its own pause on shutdown is off:
     `_pause_served` pauses, in bounded time (Prefect's retries an API that stopped with this
     process for over a minute, then fails with a traceback).
 
     Args:
-        served: the deployments to register and serve.
+        served: the deployments to register.
         registered: filled with the full name of each deployment once it is registered.
+        stops: the stops noted so far (`_stops_held`); none is registered after one.
     """
     from prefect.runner import Runner
 
-    from cm_tasks._compat import show_serve_banner
-
     runner = Runner(pause_on_shutdown=False)
-    with _stops_held() as stops:
-        for deployment in served:
-            if stops:
-                break
-            runner.add_deployment(deployment)
-            registered.append(f"{deployment.flow_name}/{deployment.name}")
-        # What the runner imports before it takes SIGTERM over (Prefect 3.2-3.9: 1-2 s), while
-        # a stop is still held: raised inside an import, it comes out as another error.
-        importlib.import_module("prefect.runner.server")
-    if stops:
-        return
-    show_serve_banner(served)
+    for deployment in served:
+        if stops:
+            break
+        runner.add_deployment(deployment)
+        registered.append(f"{deployment.flow_name}/{deployment.name}")
+    # What the runner imports before it takes SIGTERM over (Prefect 3.2-3.9: 1-2 s): raised
+    # inside an import, a stop would come out as another error.
+    importlib.import_module("prefect.runner.server")
+    return runner
+
+
+def _run_until_stopped(runner: Any, served: Sequence[RunnerDeployment]) -> None:
+    """Prefect's banner, then its runner polls and runs until stopped (as `prefect.serve`)."""
+    _compat.show_serve_banner(served)
     asyncio.run(runner.start())
 
 

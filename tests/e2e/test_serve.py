@@ -146,10 +146,12 @@ cli.main()  # as the console script calls it
 
 
 def test_a_stop_after_serves_last_line_ends_it_at_once_with_0(tmp_path: Path) -> None:
-    # Found by a reviewer: a stop during Prefect's exit handlers (its last logs and events,
-    # 1-2 s; longer with its API gone) killed serve by the signal: exit -15 (143 in a
-    # container) after it had said the schedules were paused.
+    # Found by reviewers: a stop during Prefect's exit handlers (its last logs and events,
+    # 1-2 s; longer with its API gone) killed serve by the signal: exit -15 or -2 (143 in a
+    # container) after it had said the schedules were paused. (After the exit handlers,
+    # `cm_tasks.cli._ignore_stops`: tests/unit/test_exit_codes.py.)
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    stop_at = "Stopped."
     process = subprocess.Popen(
         [sys.executable, "-c", _SLOW_EXIT],
         cwd=tmp_path,
@@ -163,11 +165,11 @@ def test_a_stop_after_serves_last_line_ends_it_at_once_with_0(tmp_path: Path) ->
         output = ""
         for line in process.stdout:
             output += line
-            if "Stopped." in line:
+            if stop_at in line:
                 break
-        assert "Stopped." in output, output
+        assert stop_at in output, output
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0, output
+        assert process.wait(timeout=60) == 0, output
     finally:
         if process.poll() is None:
             process.kill()

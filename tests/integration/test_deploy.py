@@ -181,13 +181,10 @@ def test_serve_pauses_what_a_broken_prefect_shutdown_left_active(
     """
     from cm_tasks import deployments
 
-    def serve_then_break(served: Any, registered: list[str]) -> None:
-        for runner_deployment in served:
-            runner_deployment.apply()
-            registered.append(f"{runner_deployment.flow_name}/{runner_deployment.name}")
+    def broken_shutdown(*_args: Any) -> None:  # registered by Prefect's runner, then this
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(deployments, "_serve_until_stopped", serve_then_break)
+    monkeypatch.setattr(deployments, "_run_until_stopped", broken_shutdown)
 
     assert serve() == [spec.full_name for spec in DEPLOYMENTS]  # a return, once paused
 
@@ -204,16 +201,13 @@ def test_a_second_stop_during_the_pause_says_the_schedules_are_not_paused(
 
     from cm_tasks import deployments
 
-    def serve_then_stop(served: Any, registered: list[str]) -> None:
-        for runner_deployment in served:
-            runner_deployment.apply()
-            registered.append(f"{runner_deployment.flow_name}/{runner_deployment.name}")
+    def stopped(*_args: Any) -> None:  # registered by Prefect's runner, then stopped
         raise KeyboardInterrupt
 
     def stopped_again(*_args: Any, **_kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(deployments, "_serve_until_stopped", serve_then_stop)
+    monkeypatch.setattr(deployments, "_run_until_stopped", stopped)
     monkeypatch.setattr(SyncPrefectClient, "update_deployment", stopped_again)
 
     with pytest.raises(ServedNotPausedError, match="stopped again before the pause was done"):
@@ -238,17 +232,14 @@ def test_a_second_sigterm_during_the_pause_meets_the_handler_from_before_prefect
     def runners_handler(*_args: Any) -> None:
         raise RuntimeError("Runner has not yet started")
 
-    def serve_then_stop(served: Any, registered: list[str]) -> None:
+    def serve_then_stop(*_args: Any) -> None:  # registered by Prefect's runner, then this
         signal.signal(signal.SIGTERM, runners_handler)
-        for runner_deployment in served:
-            runner_deployment.apply()
-            registered.append(f"{runner_deployment.flow_name}/{runner_deployment.name}")
         raise KeyboardInterrupt
 
     def sigterm_again(*_args: Any, **_kwargs: Any) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(deployments, "_serve_until_stopped", serve_then_stop)
+    monkeypatch.setattr(deployments, "_run_until_stopped", serve_then_stop)
     monkeypatch.setattr(SyncPrefectClient, "update_deployment", sigterm_again)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as `cm-tasks serve`
     try:

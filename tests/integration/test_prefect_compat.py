@@ -276,12 +276,11 @@ def test_a_sigterm_while_prefects_runner_starts_stops_serve_cleanly(
     # schedules paused, then `serve` returns; any other RuntimeError is still raised.
     from cm_tasks import deployments
 
-    def starting(served: Any, registered: list[str]) -> None:
-        registered.append("refresh-stac-token/weekly")
+    def starting(*_args: Any) -> None:  # registered by Prefect's runner, then this
         raise RuntimeError(message)
 
     paused: list[Any] = []
-    monkeypatch.setattr(deployments, "_serve_until_stopped", starting)
+    monkeypatch.setattr(deployments, "_run_until_stopped", starting)
     monkeypatch.setattr(deployments, "_pause_served", paused.append)
     if message == "other":
         with pytest.raises(RuntimeError, match="other"):

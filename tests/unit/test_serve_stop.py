@@ -46,7 +46,7 @@ def test_a_stop_signal_while_prefect_loads_stops_serve_cleanly(
         return lambda *deployments: served.append(deployments)
 
     monkeypatch.setattr(prefect, "__getattr__", loading)
-    monkeypatch.setattr(deployments, "_serve_until_stopped", lambda *args: served.append(args))
+    monkeypatch.setattr(deployments, "_register", lambda *args: served.append(args))
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     with pytest.raises(SystemExit) as exited:
@@ -77,14 +77,18 @@ def test_the_runners_shutdown_errors_keep_their_message_and_lose_their_traceback
     # by asyncio with a traceback as Prefect's runner shut down after its API had gone.
     asyncio_logger, seen = logging.getLogger("asyncio"), _Records()
 
-    def serve_then_fail_at_shutdown(_served: Any, _registered: list[str]) -> None:
+    def registered(_served: Any, names: list[str], _stops: list[int]) -> None:
+        names.append("refresh-stac-token/weekly")
+
+    def serve_then_fail_at_shutdown(*_args: Any) -> None:
         try:
             raise RuntimeError("Set changed size during iteration")
         except RuntimeError:
             asyncio_logger.exception("Exception in callback CancelScope")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(deployments, "_serve_until_stopped", serve_then_fail_at_shutdown)
+    monkeypatch.setattr(deployments, "_register", registered)
+    monkeypatch.setattr(deployments, "_run_until_stopped", serve_then_fail_at_shutdown)
     monkeypatch.setattr(deployments, "_pause_served", lambda full_names: None)
     asyncio_logger.addHandler(seen)  # after the logger's filters, whatever Prefect's set-up
     try:
