@@ -19,7 +19,6 @@ Errors are one `Error:` paragraph that says what to fix, with no traceback; `--d
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
@@ -685,18 +684,6 @@ def serve(
         _err().print(f"Stopped, but {not_paused}", highlight=False, markup=False)
 
 
-def _ignore_stops() -> None:
-    """Ignore Ctrl-C and SIGTERM for the rest of the exit.
-
-    The last exit handler: after it, Python puts back the default action of every signal it
-    handles (termination), and a stop while it unloads its modules would end a command that
-    has done its work with the signal's exit status instead of its own. Ignored signals stay
-    ignored.
-    """
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-
-
 def _exit_at_once_on_a_stop() -> None:
     """From here on, Ctrl-C or SIGTERM ends this process at once, with exit 0.
 
@@ -756,8 +743,6 @@ def main(argv: list[str] | None = None) -> NoReturn:
     logging.getLogger("EventsWorker").addFilter(_DropRecords(_still_processing))
     _Options.debug = False
     _Options.command_process = argv is None
-    if _Options.command_process:
-        atexit.register(_ignore_stops)  # registered first: run last
     try:
         result = app(args=argv, prog_name="cm-tasks", standalone_mode=False)
     except typer.Abort:

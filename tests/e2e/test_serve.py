@@ -148,8 +148,7 @@ cli.main()  # as the console script calls it
 def test_a_stop_after_serves_last_line_ends_it_at_once_with_0(tmp_path: Path) -> None:
     # Found by reviewers: a stop during Prefect's exit handlers (its last logs and events,
     # 1-2 s; longer with its API gone) killed serve by the signal: exit -15 or -2 (143 in a
-    # container) after it had said the schedules were paused. (After the exit handlers,
-    # `cm_tasks.cli._ignore_stops`: tests/unit/test_exit_codes.py.)
+    # container) after it had said the schedules were paused.
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     stop_at = "Stopped."
     process = subprocess.Popen(

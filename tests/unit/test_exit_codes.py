@@ -12,7 +12,7 @@ from cm_tasks.watchdog import TokenState
 COMMANDS = ["login", "refresh", "status", "emulator", "deploy", "serve"]
 
 
-def _exit_code(argv: list[str] | None) -> int | str | None:
+def _exit_code(argv: list[str]) -> int | str | None:
     with pytest.raises(SystemExit) as exited:
         main(argv)
     return exited.value.code
@@ -53,31 +53,3 @@ def test_the_documented_status_codes_are_the_real_ones() -> None:
     operate = (Path(__file__).parents[2] / "docs" / "operate.md").read_text(encoding="utf-8")
     for state in TokenState:
         assert f"| {state.exit_code} | `{state.value}` |" in operate, state
-
-
-def test_the_command_ignores_stops_once_its_exit_handlers_are_done(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Found by a reviewer: SIGINT 0.01 s after serve's last line killed it (exit -2): Python
-    # puts back the signals' default action (terminate) after the exit handlers, while it
-    # unloads its modules. A handler it set to ignore the signal stays.
-    import atexit
-    import signal
-    import sys
-
-    registered: list[object] = []
-    monkeypatch.setattr(atexit, "register", lambda fn, *args: registered.append(fn))
-    assert _exit_code(["--version"]) == 0
-    assert registered == []  # main() called by code: its process is not ours to shape
-
-    monkeypatch.setattr(sys, "argv", ["cm-tasks", "--version"])
-    assert _exit_code(None) == 0  # as the console script calls it
-    [ignore_stops] = registered
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.getsignal(signum) for signum in stops}
-    try:
-        ignore_stops()  # type: ignore[operator]
-        assert all(signal.getsignal(signum) is signal.SIG_IGN for signum in stops)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
