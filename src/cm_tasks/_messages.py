@@ -123,13 +123,7 @@ def waited_too_long(block_name: str, bound: float) -> str:
 
 def their_failure(block_name: str, error: str, retry_after: float, run: str | None) -> str:
     """Another process's renewal, which this one waited for, failed."""
-    why = (
-        "the credentials were refused (each try is a failed login on the account): update "
-        "them with `cm-tasks login`"
-        if error == "BadCredentialsError"
-        else "it may hold an unsaved token"
-    )
-    cool = f" Nobody renews the block for {retry_after:.0f} s: {why}."
+    cool = f" Nobody renews the block for {retry_after:.0f} s: it may hold an unsaved token."
     return (
         f"Another process's renewal of block {block_name!r} failed ({error}): see "
         f"{f'the refresh run {run!r}' if run else 'its log'}.{cool if retry_after else ''}"

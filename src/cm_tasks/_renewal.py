@@ -7,8 +7,9 @@
   block's lease once; if it is held, it listens on Prefect's events stream for the holder's
   outcome and reads the block once, with a slow jittered read where the stream is silent.
 - A create-stac that may have made a token is everyone's failure, then a cool-down: the next
-  renewal is one decision under the lease, not a race. Refused credentials cool down too: a
-  wrong password is one failed login per minute, not one per caller.
+  renewal is one decision under the lease, not a race. Refused credentials hold the
+  process's renewals of that route for a minute: one failed login per process a minute,
+  not one per call.
 - One outage rule for every mode: a caller whose cached token has not expired waits at most
   `PATIENCE_SECONDS` and gets that token on any failure but a configuration error.
 """
@@ -65,7 +66,7 @@ OUTAGE_RETRY_SECONDS = 30.0
 COOL_DOWN_SECONDS = 60.0
 """After a create-stac that may have made a token, nobody renews the block for this long."""
 REFUSED_LOGIN_HOLD_SECONDS = 60.0
-"""After the API refused the credentials, nobody logs in with them again for this long."""
+"""After the API refused its credentials, a process does not log in again for this long."""
 FALLBACK_SECONDS = (30.0, 60.0)
 """A waiter that hears nothing reads the block once somewhere in this range (jittered)."""
 EVENT_CLOCK_SLACK = timedelta(seconds=2)
@@ -205,7 +206,7 @@ def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, 
             failure = entry.recent_failure(call.route)
             if call.rejected is None and failure is not None:
                 return _failed(call, entry, failure)
-        cooling = _token_cache.cooling(call.key)
+        cooling = _token_cache.cooling(call.key, call.route)
         if cooling is not None:
             return _failed(call, entry, cooling)
         servable = entry is not None and call.rejected is None and entry.servable()
@@ -384,12 +385,17 @@ def _mint(call: Call) -> CarbonMapperStacToken:
 
 def _announce_failure(call: Call, error: Exception) -> None:
     """Tell this process and every waiting one how the renewal ended, and the cool-down."""
-    cool_down = _cool_down(error)
-    if cool_down:
-        _token_cache.cool_down(call.key, cool_down, _held(error, cool_down))
+    # Only a token that may exist unsaved holds every process and route: refused
+    # credentials are this route's, and a process that logs in with fixed ones must not wait.
+    announced = COOL_DOWN_SECONDS if _may_have_made_a_token(error) else 0.0
+    if announced:
+        _token_cache.cool_down(call.key, announced, error)
+    elif isinstance(error, BadCredentialsError):
+        hold = REFUSED_LOGIN_HOLD_SECONDS
+        _token_cache.cool_down(call.key, hold, _held(error, hold), call.route)
     payload = {
         "error": type(error).__name__,
-        "retry_after": cool_down,
+        "retry_after": announced,
         "transient": is_transient(error),
         "flow_run_name": getattr(error, "flow_run_name", None),
         "flow_run_id": getattr(error, "flow_run_id", None),
@@ -423,20 +429,6 @@ def _their_failure(
     if retry_after > age:
         _token_cache.cool_down(call.key, retry_after - age, error)
     return error
-
-
-def _cool_down(error: Exception) -> float:
-    """Seconds nobody renews the block after error: 0 where trying again at once may work.
-
-    A create-stac that may have made a token: the next renewal is a decision, not a race.
-    Credentials the API refused: each caller's renewal was one more failed login on the
-    account (as deployment mode's `FAILED_RUN_HOLD`, for inline renewals).
-    """
-    if _may_have_made_a_token(error):
-        return COOL_DOWN_SECONDS
-    if isinstance(error, BadCredentialsError):
-        return REFUSED_LOGIN_HOLD_SECONDS
-    return 0.0
 
 
 def _held(error: Exception, seconds: float) -> Exception:

@@ -53,7 +53,8 @@ class Entry:
 
 
 _entries: dict[Key, Entry] = {}
-_cooling: dict[Key, tuple[float, Exception]] = {}  # monotonic end of a cool-down, and why
+# A cool-down of a block: its monotonic end, why, and the route it holds (None: every route)
+_cooling: dict[Key, tuple[float, Exception, Hashable | None]] = {}
 _counters = {"block_reads": 0, "refreshes": 0}
 _guard = threading.Lock()
 
@@ -120,16 +121,23 @@ def put(key: Key, entry: Entry) -> None:
         _entries[key] = entry
 
 
-def cool_down(key: Key, seconds: float, error: Exception) -> None:
-    """Nobody in this process renews key's block for seconds; callers get error meanwhile."""
+def cool_down(
+    key: Key, seconds: float, error: Exception, route: Hashable | None = None
+) -> None:
+    """Nobody in this process renews key's block for seconds; callers get error meanwhile.
+
+    With a route, only renewals of that route (see `_renewal.Call.route`) wait.
+    """
     with _guard:
-        _cooling[key] = (time.monotonic() + seconds, error)
+        _cooling[key] = (time.monotonic() + seconds, error, route)
 
 
-def cooling(key: Key) -> Exception | None:
-    """The error of a cool-down of key's block still running, if any."""
+def cooling(key: Key, route: Hashable) -> Exception | None:
+    """The error of a cool-down of key's block that holds route and still runs, if any."""
     with _guard:
-        until, error = _cooling.get(key, (0.0, None))
+        until, error, held = _cooling.get(key, (0.0, None, None))
+    if held is not None and held != route:
+        return None
     return error if until > time.monotonic() else None
 
 
