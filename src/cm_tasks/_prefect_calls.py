@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import httpx
+from prefect.context import AsyncClientContext, SyncClientContext
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.settings import (
     PREFECT_API_REQUEST_TIMEOUT,
@@ -68,7 +70,26 @@ def bounded_calls(what: str) -> Iterator[Callable[..., Any]]:
     """Bound the Prefect requests made inside; yields `call_prefect` for `what`."""
     timeout = min(float(PREFECT_API_REQUEST_TIMEOUT.value()), CALL_SECONDS)
     retries = min(int(PREFECT_CLIENT_MAX_RETRIES.value()), 2)
-    with temporary_settings(
-        updates={PREFECT_API_REQUEST_TIMEOUT: timeout, PREFECT_CLIENT_MAX_RETRIES: retries}
+    with (
+        temporary_settings(
+            updates={PREFECT_API_REQUEST_TIMEOUT: timeout, PREFECT_CLIENT_MAX_RETRIES: retries}
+        ),
+        _no_run_client(),
     ):
         yield lambda fn, *args, **kwargs: call_prefect(what, fn, *args, **kwargs)
+
+
+@contextmanager
+def _no_run_client() -> Iterator[None]:
+    """Inside, `get_client()` makes a client with the current settings, not the run's one.
+
+    In a flow or task run, `get_client()` (and so `Block.load`) hands out the run's client,
+    whose time-out was fixed when it was made: a hung Prefect API held a renewal for minutes.
+    """
+    variables: list[ContextVar[Any]] = [SyncClientContext.__var__, AsyncClientContext.__var__]
+    resets = [(variable, variable.set(None)) for variable in variables]
+    try:
+        yield
+    finally:
+        for variable, reset in reversed(resets):
+            variable.reset(reset)

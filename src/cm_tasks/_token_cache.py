@@ -121,9 +121,7 @@ def put(key: Key, entry: Entry) -> None:
         _entries[key] = entry
 
 
-def cool_down(
-    key: Key, seconds: float, error: Exception, route: Hashable | None = None
-) -> None:
+def cool_down(key: Key, seconds: float, error: Exception, route: Hashable | None = None) -> None:
     """Nobody in this process renews key's block for seconds; callers get error meanwhile.
 
     With a route, only renewals of that route (see `_renewal.Call.route`) wait.
