@@ -630,15 +630,15 @@ def serve(
     does not answer (within seconds), and exits 0 either way.
     """
     _settings(EXIT_USAGE)  # a bad CM_* setting is a usage error, before any Prefect call
-    _out().print(f"Serving from this process, with {_api_location()}.", highlight=False)
-    # While Prefect loads, a stop signal is only noted: raised inside its import, a
-    # KeyboardInterrupt surfaces wrapped in another error (pydantic's), as a failure with a
-    # traceback.
+    # From its first line, and while Prefect loads, a stop signal is only noted: raised inside
+    # Prefect's import, a KeyboardInterrupt surfaces wrapped in another error (pydantic's), as
+    # a failure with a traceback.
     stop_asked: list[int] = []
     previous = {
         signum: signal.signal(signum, lambda signum, _frame: stop_asked.append(signum))
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
+    _out().print(f"Serving from this process, with {_api_location()}.", highlight=False)
     registering = False
     paused: list[str] = []  # what serve registered, then paused
     not_paused: deployments.ServedNotPausedError | None = None
@@ -704,10 +704,11 @@ def _exit_at_once_on_a_stop() -> None:
 
 
 # Where Prefect's runner reports its own troubles with tracebacks: its observer when the
-# Prefect API goes away (the server stopped or restarts), and asyncio for callbacks failing in
-# its event loop at shutdown (Prefect 3.4's observer task, Prefect 3.2's anyio cancel scopes).
+# Prefect API goes away (the server stopped or restarts), the runner when it cancels a run in
+# flight at shutdown (Prefect 3.4: "attached to a different loop"), and asyncio for callbacks
+# failing in its event loop at shutdown (Prefect 3.4's observer task, 3.2's anyio scopes).
 # The message says what happened; the traceback shows only with --debug.
-_RUNNER_LOGGERS = ("prefect.FlowRunCancellingObserver", "asyncio")
+_RUNNER_LOGGERS = ("prefect.FlowRunCancellingObserver", "prefect.runner", "asyncio")
 
 
 class _NoTraceback(logging.Filter):

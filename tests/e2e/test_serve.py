@@ -173,3 +173,32 @@ def test_a_stop_after_serves_last_line_ends_it_at_once_with_0(tmp_path: Path) ->
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+_STOP_AT_FIRST_LINE = """
+import os, signal, sys
+from cm_tasks import cli
+where = cli._api_location
+def stopped_as_it_prints():  # the stop lands as serve says its first line
+    os.kill(os.getpid(), signal.SIGTERM)
+    return where()
+cli._api_location = stopped_as_it_prints
+sys.argv = ["cm-tasks", "serve", "--no-watchdog"]
+cli.main()
+"""
+
+
+def test_a_stop_as_serve_prints_its_first_line_ends_it_with_0(tmp_path: Path) -> None:
+    # Found by a reviewer: "Serving from" was printed before the stop was noted; a SIGTERM
+    # right after it (2 runs in 5) killed serve by the signal, with no word.
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    done = subprocess.run(
+        [sys.executable, "-c", _STOP_AT_FIRST_LINE],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Stopped before registering any deployment" in done.stdout
