@@ -682,6 +682,18 @@ def serve(
     else:
         not_paused = not_paused or deployments.ServedNotPausedError("stopped again at once")
         _err().print(f"Stopped, but {not_paused}", highlight=False, markup=False)
+        if _Options.command_process:
+            # Stopped twice, or its Prefect API gone: nothing left to wait for. An interpreter
+            # exit with Prefect's registration abandoned in its thread could abort (exit -6).
+            _exit_now()
+
+
+def _exit_now(_signum: int | None = None, _frame: object = None) -> NoReturn:
+    """End this process at once, with exit 0, once what it printed is out."""
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 def _exit_at_once_on_a_stop() -> None:
@@ -691,16 +703,9 @@ def _exit_at_once_on_a_stop() -> None:
     which send its last logs and events (1-2 s, longer with its API gone): a stop then used
     to kill the process by the signal (exit -15, or 143 in a container).
     """
-
-    def exit_now(_signum: int, _frame: object) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            with suppress(Exception):
-                stream.flush()
-        os._exit(0)
-
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, exit_now)
+            signal.signal(signum, _exit_now)
 
 
 # Where Prefect's runner reports its own troubles with tracebacks: its observer when the

@@ -202,3 +202,32 @@ def test_a_stop_as_serve_prints_its_first_line_ends_it_with_0(tmp_path: Path) ->
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Stopped before registering any deployment" in done.stdout
+
+
+_NOT_PAUSED = """
+import atexit, sys, time
+atexit.register(time.sleep, 60)  # as Prefect's exit handlers with its API gone
+from cm_tasks import cli, deployments
+def stopped_twice(**options):
+    raise deployments.ServedNotPausedError("stopped again while a deployment was being registered")
+deployments.serve = stopped_twice
+sys.argv = ["cm-tasks", "serve", "--no-watchdog"]
+cli.main()
+"""
+
+
+def test_serve_that_could_not_pause_exits_at_once_with_0(tmp_path: Path) -> None:
+    # Found by a reviewer: after a second stop cut a registration short, the interpreter's
+    # exit with Prefect's registration abandoned in its thread sometimes aborted (exit -6).
+    # Nothing is left to wait for once serve has said the schedules may be active.
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    done = subprocess.run(
+        [sys.executable, "-c", _NOT_PAUSED],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=45,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "could not be paused: stopped again while" in done.stderr
