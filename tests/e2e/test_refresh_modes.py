@@ -446,7 +446,9 @@ def test_three_ingest_processes_share_one_refresh_run_and_never_read_a_secret(
     tmp_path: Path,
 ) -> None:
     with server.using():
-        old = _stale_token(emulator)
+        # Expired, so that no caller is served it while the renewal runs: a valid one is, after
+        # 10 s, and a loaded machine made the run outlast that (a second token in the results).
+        old = _expired_token(emulator)
     pairs, creates = emulator.requests(TOKEN_PAIR), emulator.requests(CREATE_STAC)
     since = datetime.now(timezone.utc)
     # A slow token/pair keeps the run going while all three processes start asking.
