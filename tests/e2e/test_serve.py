@@ -134,6 +134,23 @@ def test_a_stop_after_the_prefect_api_has_gone_is_quick_and_says_nothing_was_pau
     assert "schedules could not be paused: the Prefect API did not answer" in output, output
 
 
+def _script_env() -> dict[str, str]:
+    """The environment of a script that runs `cm-tasks serve` against the session's API."""
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+
+
+def _run_script(script: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """A script run to its end (`cm_tasks.cli.main()` as the console script calls it)."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=cwd,
+        env=_script_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 # serve returns at once (stopped, schedules paused); then Prefect's exit handlers take long.
 _SLOW_EXIT = """
 import atexit, sys, time
@@ -149,12 +166,11 @@ def test_a_stop_after_serves_last_line_ends_it_at_once_with_0(tmp_path: Path) ->
     # Found by reviewers: a stop during Prefect's exit handlers (its last logs and events,
     # 1-2 s; longer with its API gone) killed serve by the signal: exit -15 or -2 (143 in a
     # container) after it had said the schedules were paused.
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     stop_at = "Stopped."
     process = subprocess.Popen(
         [sys.executable, "-c", _SLOW_EXIT],
         cwd=tmp_path,
-        env=env,
+        env=_script_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -191,15 +207,7 @@ cli.main()
 def test_a_stop_as_serve_prints_its_first_line_ends_it_with_0(tmp_path: Path) -> None:
     # Found by a reviewer: "Serving from" was printed before the stop was noted; a SIGTERM
     # right after it (2 runs in 5) killed serve by the signal, with no word.
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
-    done = subprocess.run(
-        [sys.executable, "-c", _STOP_AT_FIRST_LINE],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _run_script(_STOP_AT_FIRST_LINE, tmp_path, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Stopped before registering any deployment" in done.stdout
 
@@ -220,14 +228,6 @@ def test_serve_that_could_not_pause_exits_at_once_with_0(tmp_path: Path) -> None
     # Found by a reviewer: after a second stop cut a registration short, the interpreter's
     # exit with Prefect's registration abandoned in its thread sometimes aborted (exit -6).
     # Nothing is left to wait for once serve has said the schedules may be active.
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
-    done = subprocess.run(
-        [sys.executable, "-c", _NOT_PAUSED],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=45,
-    )
+    done = _run_script(_NOT_PAUSED, tmp_path, timeout=45)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "could not be paused: stopped again while" in done.stderr
