@@ -3,9 +3,11 @@
 - `decide`: use the token, give a 401 back, or renew. A 401 renews a token once, whenever it
   was made; a 401 on the token that renewal gave (or any 401 in mode `off`) is the caller's.
 - One `Flight` per block per process, in a thread of its own: callers wait for its `Outcome`
-  (the block, or the failure) without holding a thread. Across processes the flight tries the
-  block's lease once; if it is held, it listens on Prefect's events stream for the holder's
-  outcome and reads the block once, with a slow jittered read where the stream is silent.
+  (the block, or the failure) without holding a thread. Across processes the flight listens
+  on Prefect's events stream for a moment (jittered) before it tries the block's lease once:
+  a process that heard another take it (`renewal-started`) does not ask. If the lease is
+  held, the flight waits for the holder's outcome on the stream and reads the block once,
+  with a slow jittered read where the stream is silent.
 - A create-stac that may have made a token is everyone's failure, then a cool-down: the next
   renewal is one decision under the lease, not a race. Refused credentials hold the
   process's renewals of that route for a minute: one failed login per process a minute,
@@ -36,7 +38,13 @@ from cm_tasks._logging import current_logger
 from cm_tasks._prefect_calls import bounded_calls, is_transient
 from cm_tasks._refresh_lease import refresh_time_bound, try_lease
 from cm_tasks._token_cache import Entry, Key
-from cm_tasks._token_events import RENEWAL_FAILED_EVENT, Heard, Listener
+from cm_tasks._token_events import (
+    RENEWAL_FAILED_EVENT,
+    RENEWAL_STARTED_EVENT,
+    Heard,
+    Listener,
+    fallback_wait,
+)
 from cm_tasks.blocks import CarbonMapperStacToken, load_token_block
 from cm_tasks.client import CREATE_STAC_PATH
 from cm_tasks.errors import (
@@ -67,8 +75,9 @@ COOL_DOWN_SECONDS = 60.0
 """After a create-stac that may have made a token, nobody renews the block for this long."""
 REFUSED_LOGIN_HOLD_SECONDS = 60.0
 """After the API refused its credentials, a process does not log in again for this long."""
-FALLBACK_SECONDS = (30.0, 60.0)
-"""A waiter that hears nothing reads the block once somewhere in this range (jittered)."""
+HEAR_FIRST_SECONDS = 2.0
+"""A renewal listens up to this long (jittered) for another process's `renewal-started` before
+it asks for the lease: processes that find a token stale together ask one at a time."""
 EVENT_CLOCK_SLACK = timedelta(seconds=2)
 """An outcome event this much older than a waiter's block read still counts (clock skew)."""
 _ROUNDS = 2  # renewals one call may wait for: one, and one more for a stricter min_valid
@@ -258,18 +267,22 @@ def _failed(call: Call, entry: Entry | None, error: Exception, route: Route | No
     """
     if entry is None or call.rejected is not None or not entry.servable():
         raise error
-    _back_off(call.block_name, entry, error, route or call.route)
+    _back_off(call, entry, error, route or call.route)
     if isinstance(error, ConfigurationError):
         raise error
     return entry.block.get()
 
 
-def _back_off(block_name: str, entry: Entry, error: Exception, route: Route) -> None:
-    """For OUTAGE_RETRY_SECONDS the route's callers get error's answer, not a renewal; said once."""
-    backing_off = entry.back_off(error, OUTAGE_RETRY_SECONDS, route)
+def _back_off(call: Call, entry: Entry, error: Exception, route: Route) -> None:
+    """For a while the route's callers get error's answer, not a renewal; said once.
+
+    The while: OUTAGE_RETRY_SECONDS, or what is left of a cool-down that holds the route.
+    """
+    seconds = max(OUTAGE_RETRY_SECONDS, _token_cache.cooling_left(call.key, route))
+    backing_off = entry.back_off(error, seconds, route)
     if backing_off and not isinstance(error, ConfigurationError):
         current_logger().warning(
-            _messages.serving_stale(block_name, error, entry.block, OUTAGE_RETRY_SECONDS)
+            _messages.serving_stale(call.block_name, error, entry.block, seconds)
         )
 
 
@@ -311,7 +324,7 @@ def _fly(flight: Flight) -> None:
     if error is not None and left_early and entry is not None and entry.servable():
         # Its callers left with the cached token while it ran: the failure is said here, and
         # the next callers get its answer (a configuration error is theirs to see).
-        _back_off(call.block_name, entry, error, call.route)
+        _back_off(call, entry, error, call.route)
     flight.finish()
 
 
@@ -319,7 +332,8 @@ def _renew(call: Call) -> Outcome:
     """Read the block; if it does not answer the call, renew it (or hear who did)."""
     # Outcomes from before this read (the stream replays the last minute) are not this
     # wait's; a little slack for the clocks of the processes that emit them.
-    since = datetime.now(timezone.utc) - EVENT_CLOCK_SLACK
+    read_at = datetime.now(timezone.utc)
+    since = read_at - EVENT_CLOCK_SLACK
     block = _read(call)
     if decide(block, call) is not Action.RENEW:
         return Outcome(block)
@@ -331,24 +345,53 @@ def _renew(call: Call) -> Outcome:
     resource = token_resource(call.block_name)["prefect.resource.id"]
     failed = frozenset({RENEWAL_FAILED_EVENT})  # its cool-down may outlast the replay
     with Listener(resource, since=since, keep_older=failed) as events:
+        heard = events.next(_hear_first()) if events.live else None
+        asked = False
         while True:
-            with try_lease(call.block_name, bound) as held:
-                if held:
-                    return _renew_holding_lease(call)
-            heard = events.next(_fallback_wait(deadline))
-            if heard is not None and heard.name == RENEWAL_FAILED_EVENT:
-                failure = _their_failure(call, heard, since)
-                if failure is not None:
-                    return Outcome(error=failure)
-            block = _read(call)
-            if decide(block, call) is not Action.RENEW:
-                return Outcome(block)
+            outcome = _their_outcome(call, heard, since, asked)
+            if outcome is not None:
+                return outcome
+            if not _renewing_since(heard, read_at):
+                with try_lease(call.block_name, bound) as held:
+                    if held:
+                        return _renew_holding_lease(call)
             if time.monotonic() >= deadline:
                 late = _messages.waited_too_long(call.block_name, bound)
                 return Outcome(error=TokenBlockError(late, transient=True))
+            heard, asked = events.next(fallback_wait(deadline)), True
+
+
+def _renewing_since(heard: Heard | None, read_at: datetime) -> bool:
+    """Whether heard says another process took the lease after read_at: no need to ask.
+
+    No slack here: a renewal that started before the read may have ended before it too (and
+    its failure is no answer to this wait); asking once for nothing costs only a request.
+    """
+    return heard is not None and heard.name == RENEWAL_STARTED_EVENT and heard.occurred >= read_at
+
+
+def _their_outcome(call: Call, heard: Heard | None, since: datetime, asked: bool) -> Outcome | None:
+    """What a waiter learns from an event (None: a silence): a failure, or a usable block.
+
+    Once the waiter has asked for the lease, a failure about this wait is its outcome, and
+    an outcome or a silence means one read of the block. Before (it just read the block), only
+    a failure whose cool-down lasts counts. `renewal-started`: another process is at it.
+    """
+    if heard is not None and heard.name == RENEWAL_FAILED_EVENT:
+        failure = _their_failure(call, heard, since, cooling_only=not asked)
+        return None if failure is None else Outcome(error=failure)
+    if heard is None and not asked:
+        return None
+    if heard is not None and heard.name == RENEWAL_STARTED_EVENT:
+        return None
+    block = _read(call)
+    return Outcome(block) if decide(block, call) is not Action.RENEW else None
 
 
 def _renew_holding_lease(call: Call) -> Outcome:
+    # Said at once, so that the processes still listening before they ask need not ask. If
+    # another process renewed the block meanwhile, they hear its `refreshed` as well.
+    _announce(RENEWAL_STARTED_EVENT, call, {"mode": call.mode})
     block = _read(call)  # another process may have renewed it while this one asked
     if decide(block, call) is not Action.RENEW:
         return Outcome(block)
@@ -402,19 +445,25 @@ def _announce_failure(call: Call, error: Exception) -> None:
         # A run's error says what its state message (stored in Prefect already) says.
         "message": str(error) if isinstance(error, RefreshRunError) else None,
     }
-    with suppress(Exception):  # waiters then learn it from their slow read
-        emit_event(RENEWAL_FAILED_EVENT, resource=token_resource(call.block_name), payload=payload)
+    _announce(RENEWAL_FAILED_EVENT, call, payload)
+
+
+def _announce(event: str, call: Call, payload: dict[str, object]) -> None:
+    """Tell every process waiting on call's block; best effort (they fall back to reads)."""
+    with suppress(Exception):
+        emit_event(event, resource=token_resource(call.block_name), payload=payload)
 
 
 def _their_failure(
-    call: Call, heard: Heard, since: datetime
+    call: Call, heard: Heard, since: datetime, cooling_only: bool = False
 ) -> RefreshRunError | TokenBlockError | None:
     """The failure another process announced, if it is about this wait (or cools it down)."""
     retry_after = float(heard.payload.get("retry_after") or 0.0)
     # Stamped by the emitting process's clock: one ahead of ours would make its event younger
     # than heard, and its cool-down longer than it said. Nothing is heard before it happens.
     age = max((datetime.now(timezone.utc) - heard.occurred).total_seconds(), 0.0)
-    if age > retry_after and (heard.occurred < since or age > _bound(call)):
+    earlier = cooling_only or heard.occurred < since or age > _bound(call)
+    if age > retry_after and earlier:
         return None  # an earlier renewal's failure, replayed on connect, and not cooling down
     run_name, run_id = heard.payload.get("flow_run_name"), heard.payload.get("flow_run_id")
     message = heard.payload.get("message") or _messages.their_failure(
@@ -457,9 +506,8 @@ def _bound(call: Call) -> float:
     return refresh_time_bound(call.settings)
 
 
-def _fallback_wait(deadline: float) -> float:
-    wait = random.uniform(*FALLBACK_SECONDS)  # noqa: S311 - jitter, not a secret
-    return max(min(wait, deadline - time.monotonic()), 0.0)
+def _hear_first() -> float:
+    return random.uniform(0.0, HEAR_FIRST_SECONDS)  # noqa: S311 - jitter, not a secret
 
 
 def _read(call: Call) -> CarbonMapperStacToken | None:

@@ -132,11 +132,21 @@ def cool_down(key: Key, seconds: float, error: Exception, route: Hashable | None
 
 def cooling(key: Key, route: Hashable) -> Exception | None:
     """The error of a cool-down of key's block that holds route and still runs, if any."""
+    return _cooling_of(key, route)[1]
+
+
+def cooling_left(key: Key, route: Hashable) -> float:
+    """Seconds left of a cool-down of key's block that holds route (0: none)."""
+    return _cooling_of(key, route)[0]
+
+
+def _cooling_of(key: Key, route: Hashable) -> tuple[float, Exception | None]:
     with _guard:
         until, error, held = _cooling.get(key, (0.0, None, None))
-    if held is not None and held != route:
-        return None
-    return error if until > time.monotonic() else None
+    left = until - time.monotonic()
+    if (held is not None and held != route) or left <= 0:
+        return 0.0, None
+    return left, error
 
 
 def count(*, reads: int = 0, refreshes: int = 0) -> None:

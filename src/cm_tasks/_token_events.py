@@ -4,10 +4,12 @@ A process that waits for another's renewal opens one websocket (`/api/events/out
 from Prefect 3.2) filtered on the token block's resource and reads the block once when
 `carbon-mapper.stac-token.refreshed` arrives; a failed renewal announces itself with
 `carbon-mapper.stac-token.renewal-failed`, whose payload says how long to wait before trying
-again. The stream sends the last minute of matching events on connect, so an outcome that
-came just before the socket opened is not missed. Where the stream cannot be opened (no
-`PREFECT_API_URL`, a proxy without websockets) `live` is False and the waiter falls back to
-slow, jittered reads.
+again. The process that takes a block's renewal lease announces
+`carbon-mapper.stac-token.renewal-started`, so that a process that hears it does not ask for
+the lease at all. The stream sends the last minute of matching events on connect, so an
+outcome that came just before the socket opened is not missed. Where the stream cannot be
+opened (no `PREFECT_API_URL`, a proxy without websockets) `live` is False and the waiter falls
+back to slow, jittered reads (`fallback_wait`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import asyncio
 import contextlib
 import contextvars
 import queue
+import random
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -28,6 +32,16 @@ from cm_tasks._prefect_calls import CALL_SECONDS, prefect_api
 
 RENEWAL_FAILED_EVENT = "carbon-mapper.stac-token.renewal-failed"
 """Emitted by the process whose renewal of a block failed; payload: the cool-down."""
+RENEWAL_STARTED_EVENT = "carbon-mapper.stac-token.renewal-started"
+"""Emitted by the process that holds a block's renewal lease, before it renews the token."""
+FALLBACK_SECONDS = (30.0, 60.0)
+"""A waiter that hears nothing reads once somewhere in this range (jittered)."""
+
+
+def fallback_wait(deadline: float) -> float:
+    """Seconds to listen before the next fallback read: jittered, never past deadline."""
+    wait = random.uniform(*FALLBACK_SECONDS)  # noqa: S311 - jitter, not a secret
+    return max(min(wait, deadline - time.monotonic()), 0.0)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -194,3 +195,161 @@ def test_refused_credentials_hold_this_process_and_route_only(
     assert _token_cache.cooling(deployment.key, deployment.route) is None  # its own credentials
     _token_cache.clear_token_cache()
     assert _token_cache.cooling(inline.key, inline.route) is None  # the documented way out
+
+
+class _ScriptedStream:
+    """A live events stream that delivers the given events, one per `next`, then fails."""
+
+    def __init__(self, heard: list[object]) -> None:
+        self.heard, self.live = heard, True
+
+    def __call__(self, *_args: object, **_kwargs: object) -> _ScriptedStream:
+        return self  # stands in for the Listener class
+
+    def __enter__(self) -> _ScriptedStream:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        pass
+
+    def next(self, timeout: float) -> object:
+        assert self.heard, "waited for more than the script holds"
+        return self.heard.pop(0)
+
+
+@pytest.fixture
+def lease_asks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every try of the renewal lease (always held by another process); reads are scripted."""
+    from contextlib import contextmanager
+
+    asks: list[str] = []
+
+    @contextmanager
+    def held_elsewhere(block_name: str, _duration: float) -> Iterator[bool]:
+        asks.append(block_name)
+        yield False
+
+    monkeypatch.setattr(_renewal, "try_lease", held_elsewhere)
+    _token_cache.clear_token_cache()
+    return asks
+
+
+def _script(monkeypatch: pytest.MonkeyPatch, heard: list[object], reads: list[object]) -> None:
+    monkeypatch.setattr(_renewal, "Listener", _ScriptedStream(heard))
+    monkeypatch.setattr(_renewal, "_read", lambda call: reads.pop(0))
+
+
+def _event(name: str, retry_after: float = 0.0, ago: float = -1.0) -> object:
+    """An event heard on the stream; by default, one that occurs during the renewal."""
+    from cm_tasks._token_events import Heard
+
+    occurred = datetime.now(timezone.utc) - timedelta(seconds=ago)
+    return Heard(name, occurred, {"error": "APIUnavailableError", "retry_after": retry_after})
+
+
+STALE = _block("old", timedelta(minutes=20), timedelta(days=13))
+FRESH = _block("new", timedelta(days=14), timedelta(0))
+
+
+def test_a_process_that_hears_the_renewal_start_does_not_ask_for_the_lease(
+    monkeypatch: pytest.MonkeyPatch, lease_asks: list[str]
+) -> None:
+    # The fleet's cost: 12 processes that found the token stale together each asked for the
+    # lease (a CSRF token and a POST, and on SQLite often a 503 retried 2 s later).
+    from cm_tasks._token_events import RENEWAL_STARTED_EVENT
+    from cm_tasks.notify import REFRESHED_EVENT
+
+    reads = [STALE, FRESH]
+    _script(monkeypatch, [_event(RENEWAL_STARTED_EVENT), _event(REFRESHED_EVENT)], reads)
+
+    outcome = _renewal._renew(_call())
+
+    assert outcome.block is FRESH
+    assert lease_asks == []
+    assert reads == []  # one read before, one on the refreshed event
+
+
+def test_a_process_that_hears_nothing_asks_for_the_lease_once(
+    monkeypatch: pytest.MonkeyPatch, lease_asks: list[str]
+) -> None:
+    from cm_tasks.notify import REFRESHED_EVENT
+
+    _script(monkeypatch, [None, _event(REFRESHED_EVENT)], [STALE, FRESH])
+
+    assert _renewal._renew(_call()).block is FRESH
+    assert lease_asks == ["unit-block"]
+
+
+@pytest.mark.parametrize(("retry_after", "asks"), [(0.0, 1), (60.0, 0)])
+def test_before_asking_only_a_failure_that_cools_the_block_down_counts(
+    monkeypatch: pytest.MonkeyPatch, lease_asks: list[str], retry_after: float, asks: int
+) -> None:
+    # A failure announced just before this renewal read the block (this process's own, before
+    # `clear_token_cache()`) is not this renewal's outcome; a cool-down is everyone's.
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT
+    from cm_tasks.notify import REFRESHED_EVENT
+
+    failed = _event(RENEWAL_FAILED_EVENT, retry_after, ago=1.0)
+    _script(monkeypatch, [failed, _event(REFRESHED_EVENT)], [STALE, FRESH])
+
+    outcome = _renewal._renew(_call())
+
+    assert len(lease_asks) == asks
+    assert (outcome.error is not None) is (asks == 0)
+    _token_cache.clear_token_cache()
+
+
+def test_the_lease_holder_announces_the_renewal_before_it_renews(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cm_tasks._token_events import RENEWAL_STARTED_EVENT
+
+    said: list[str] = []
+    monkeypatch.setattr(_renewal, "emit_event", lambda name, **_kw: said.append(name))
+    monkeypatch.setattr(_renewal, "_read", lambda call: STALE)
+    monkeypatch.setattr(_renewal, "_mint", lambda call: said.append("minted") or FRESH)
+
+    assert _renewal._renew_holding_lease(_call()).block is FRESH
+    assert said == [RENEWAL_STARTED_EVENT, "minted"]
+
+
+@pytest.mark.usefixtures("one_finished_flight")
+def test_serving_through_a_longer_cool_down_is_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found in review: during the 60 s hold after refused credentials, the "using the cached
+    # token; trying again in 30 s" warning came again 30 s in, and the hold was not over.
+    from cm_tasks.errors import BadCredentialsError
+
+    call = _call()
+    _cache_a_valid_token(call)
+    refused = BadCredentialsError("401 from token/pair.", status_code=401, endpoint="token/pair")
+    _token_cache.cool_down(call.key, 60.0, refused, call.route)
+    start = time.monotonic()
+
+    assert _drive(call, Outcome()) == "c"
+    monkeypatch.setattr(time, "monotonic", lambda: start + 31.0)
+    assert _drive(call, Outcome()) == "c"
+
+    warnings = [
+        r.getMessage() for r in caplog.records if "Using the cached token" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert "trying again in 60 s or more" in warnings[0]
+    _token_cache.clear_token_cache()
+
+
+def test_a_renewal_that_started_before_the_read_does_not_stop_this_one_asking(
+    monkeypatch: pytest.MonkeyPatch, lease_asks: list[str]
+) -> None:
+    # The stream replays the last minute: a renewal that started a second before this one
+    # read the block may have ended before it too (this process's own, failed, before
+    # `clear_token_cache()`): this one still asks for the lease.
+    from cm_tasks._token_events import RENEWAL_STARTED_EVENT
+    from cm_tasks.notify import REFRESHED_EVENT
+
+    replayed = _event(RENEWAL_STARTED_EVENT, ago=1.0)
+    _script(monkeypatch, [replayed, _event(REFRESHED_EVENT)], [STALE, FRESH])
+
+    assert _renewal._renew(_call()).block is FRESH
+    assert lease_asks == ["unit-block"]
