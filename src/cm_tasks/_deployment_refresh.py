@@ -37,7 +37,7 @@ from prefect.states import Crashed
 from cm_tasks._logging import current_logger
 from cm_tasks._prefect_calls import bounded_calls
 from cm_tasks._refresh_lease import refresh_time_bound
-from cm_tasks._token_events import Listener
+from cm_tasks._token_events import Listener, fallback_wait
 from cm_tasks.errors import ConfigurationError, RefreshRunError, RefreshTimeoutError
 from cm_tasks.settings import (
     DEFAULT_TOKEN_BLOCK,
@@ -58,14 +58,15 @@ _RECENT_RUNS = 25
 _CLOCK_TOLERANCE = timedelta(seconds=5)
 _DATE_JITTER = timedelta(seconds=2)  # how far apart two Dates of one clock can seem
 _MAX_RUNS = 3  # one, and the runs a concurrency-limit cancel hands the wait over to
-_FALLBACK_SECONDS = 20.0  # a read of the run when its events stay silent that long
 _FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 _RUN_EVENT = "prefect.flow-run."
-# Run events that cannot mean the run is final: its non-final states, and the heartbeat of
-# Prefect 3.4+ (any other name is read, to be safe).
+# Run events that cannot mean the run is final: its non-final states (a worker's Submitting
+# and InfrastructurePending from Prefect 3.9 on), and the heartbeat of Prefect 3.4+ (any other
+# name is read, to be safe).
 _NOT_FINAL = frozenset(
     {"Scheduled", "Late", "AwaitingRetry", "AwaitingConcurrencySlot", "Pending", "Running"}
-    | {"Retrying", "Paused", "Suspended", "Cancelling", "heartbeat"}
+    | {"Submitting", "InfrastructurePending", "Retrying", "Paused", "Suspended", "Cancelling"}
+    | {"heartbeat"}
 )
 
 
@@ -278,9 +279,15 @@ class _Runs:
         return run
 
     def wait_final(self, run: FlowRun, deadline: float) -> FlowRun:
-        """run once it is final: read when its events say it may be, or after a silence."""
+        """run once it is final: read when its events say it may be, or after a silence.
+
+        run was just read or made: it is not read again unless the stream is unavailable
+        (which replays the last minute of the run's events on connect, its end included).
+        """
+        if run.state_type in _FINAL:
+            return run
         with Listener(f"prefect.flow-run.{run.id}", name_prefix=_RUN_EVENT) as events:
-            read = True
+            read = not events.live
             while True:
                 if read or time.monotonic() >= deadline:
                     run = self.call(self.client.read_flow_run, run.id)
@@ -289,7 +296,7 @@ class _Runs:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise _timeout(run, self.deployment, self.settings, self.block_name)
-                heard = events.next(min(remaining, _FALLBACK_SECONDS))
+                heard = events.next(fallback_wait(deadline))
                 # Each read is a metered request: none for a state that is not final.
                 read = heard is None or heard.name.removeprefix(_RUN_EVENT) not in _NOT_FINAL
 
