@@ -65,6 +65,7 @@ STALE = timedelta(minutes=20)  # within get_stac_token's default min_valid (1 ho
 FRESH = timedelta(days=13)
 READY_TIMEOUT = 240.0  # N processes importing Prefect at once on 2 cores
 SERVE_TIMEOUT = 120.0
+SEQUENCES = False  # --sequences
 BLOCK_WRITE = ("POST /api/block_documents", "PATCH /api/block_documents", "PUT /api/block_doc")
 
 
@@ -388,6 +389,14 @@ def print_timeline(outcome: Outcome) -> None:
     )
 
 
+def print_sequences(outcome: Outcome) -> None:
+    """Each process's requests in order, seconds after `go` (`--sequences`)."""
+    go = min(p.started for p in outcome.processes)
+    for p in outcome.processes:
+        steps = ", ".join(f"{t - go:.1f} {key}" for t, key in sorted(p.counts.times))
+        print(f"  {p.label}: {steps}")
+
+
 def report_renewal(outcome: Outcome, seconds: float, base: float | None) -> float:
     """Print and report one renewal; returns the mean requests per waiting process."""
     if len(outcome.processes) < 2:
@@ -417,6 +426,8 @@ def report_renewal(outcome: Outcome, seconds: float, base: float | None) -> floa
         print_breakdown("cm-tasks serve and its flow run (the refresher)", [outcome.serve])
     if outcome.saves:
         print_timeline(outcome)
+    if SEQUENCES:
+        print_sequences(outcome)
     print(
         f"  tokens: {len(first_tokens)} distinct first token(s), "
         f"{'none is' if outcome.old_token not in first_tokens else 'one is'} the old one; "
@@ -500,7 +511,12 @@ def main() -> int:
     )
     parser.add_argument("--no-reference", action="store_true", help="skip steady and naive runs")
     parser.add_argument("--quick", action="store_true", help="3 processes, S = 1 s")
+    parser.add_argument(
+        "--sequences", action="store_true", help="print each process's requests in order"
+    )
     args = parser.parse_args()
+    global SEQUENCES
+    SEQUENCES = args.sequences
     if args.quick:
         args.processes, args.renewal = 3, 1.0
 
