@@ -257,44 +257,69 @@ def _run_ingest(
     extra_env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Start `processes` ingest processes together; return what each printed and sent."""
-    go = tmp_path / "go"
-    started = []
-    for n in range(processes):
-        home = tmp_path / f"ingest-{n}"
-        home.mkdir()
-        env = {k: v for k, v in server.client_env().items() if not k.startswith("CM_")}
-        env.update(INGEST_ENV, PREFECT_HOME=str(home), CM_BASE_URL=emulator.base_url)
-        env.update(extra_env or {})
-        process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(tasks), str(go), asset_url],
-            cwd=home,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        started.append((process, home))
-    outputs = []
+    group = _Ingest(server, emulator, tmp_path, asset_url, processes, tasks, extra_env)
     try:
-        # Every interpreter imports Prefect first (seconds on a loaded machine); then all start
-        # at once. A late starter would otherwise miss a refresh run that already ended.
+        return group.go()
+    finally:
+        group.stop()
+
+
+class _Ingest:
+    """Ingest processes started (Prefect imported, seconds on a loaded machine), not yet run.
+
+    `go` runs them all at once: a late starter would otherwise miss a refresh run that already
+    ended, and processes meant to come later can be ready before the first ones end.
+    """
+
+    def __init__(
+        self,
+        server: PrefectServer,
+        emulator: CarbonMapperEmulator,
+        tmp_path: Path,
+        asset_url: str,
+        processes: int,
+        tasks: int,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.tmp_path, self.processes = tmp_path, processes
+        self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
+        for n in range(processes):
+            home = tmp_path / f"ingest-{n}"
+            home.mkdir()
+            env = {k: v for k, v in server.client_env().items() if not k.startswith("CM_")}
+            env.update(INGEST_ENV, PREFECT_HOME=str(home), CM_BASE_URL=emulator.base_url)
+            env.update(extra_env or {})
+            process = subprocess.Popen(
+                [sys.executable, str(SCRIPT), str(tasks), str(tmp_path / "go"), asset_url],
+                cwd=home,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            self.started.append((process, home))
+
+    def go(self) -> list[dict[str, Any]]:
+        """Wait until every process is ready, start them together; what each printed and sent."""
         deadline = time.monotonic() + 180
-        while len(list(tmp_path.glob("ready-*"))) < processes:
-            exited = [process for process, _ in started if process.poll() is not None]
+        while len(list(self.tmp_path.glob("ready-*"))) < self.processes:
+            exited = [process for process, _ in self.started if process.poll() is not None]
             assert not exited, exited[0].communicate()[1].decode(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "the ingest processes were not ready in 180 s"
             time.sleep(0.1)
-        go.touch()
-        for process, home in started:
+        (self.tmp_path / "go").touch()
+        outputs = []
+        for process, home in self.started:
             out, err = process.communicate(timeout=PROCESS_TIMEOUT)
             assert process.returncode == 0, err.decode(errors="replace")[-3000:]
             report = json.loads(out.decode().strip().splitlines()[-1])
             report.update(stdout=out.decode(), stderr=err.decode(), home=str(home))
             outputs.append(report)
-    finally:
-        for process, _ in started:
+        return outputs
+
+    def stop(self) -> None:
+        for process, _ in self.started:
             stop_process_group(process)  # type: ignore[arg-type]
-    return outputs
 
 
 def _sent(outputs: list[dict[str, Any]]) -> list[str]:
@@ -528,15 +553,17 @@ def test_a_failed_refresh_run_is_every_callers_error_and_the_token_stays(
     env = {"CM_REFRESH_TIMEOUT": "120", "CM_TOKEN_BLOCK": block}
     (tmp_path / "first").mkdir()
     (tmp_path / "late").mkdir()
+    # A caller that comes after the run failed gets its failure too: no second run. It comes
+    # right after the first ones end, well within the failure's hold (FAILED_RUN_HOLD): its
+    # interpreter starts beside theirs, so that a loaded machine's import time is not the gap.
+    later = _Ingest(server, emulator, tmp_path / "late", asset_url, 1, 1, env)
     try:
         outputs = _run_ingest(
             server, emulator, tmp_path / "first", asset_url, processes=2, tasks=4, extra_env=env
         )
-        # A caller that comes after the run failed gets its failure too: no second run.
-        late = _run_ingest(
-            server, emulator, tmp_path / "late", asset_url, processes=1, tasks=1, extra_env=env
-        )
+        late = later.go()
     finally:
+        later.stop()
         with server.using():
             Secret(value=account.as_dict()["sentinel password"]).save(
                 PASSWORD_BLOCK, overwrite=True
@@ -545,7 +572,11 @@ def test_a_failed_refresh_run_is_every_callers_error_and_the_token_stays(
     runs = _runs(server, deployments[WEEKLY], since)
     results = [r for report in outputs + late for r in report["results"]]
     errors = [r.get("error") for r in results]
-    assert [r["state_type"] for r in runs] == ["FAILED"], errors  # one run, not one per caller
+    # On failure, say when each run was made and ended, and how long each caller waited.
+    seen = [(r["name"], r["created"], r["end_time"], r["parameters"]) for r in runs] + [
+        (r["n"], round(r["waited"], 1), r.get("error", "")[:60]) for r in results
+    ]
+    assert [r["state_type"] for r in runs] == ["FAILED"], seen  # one run, not one per caller
     name = runs[0]["name"]
     assert [r.get("error_type") for r in results] == ["RefreshRunError"] * 9, errors
     for result in results:

@@ -90,8 +90,11 @@ def ingest(asset_url: str, tasks: int) -> list[dict[str, Any]]:
 def main() -> int:
     tasks, go_file, asset_url = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     (go_file.parent / f"ready-{os.getpid()}").touch()  # Prefect and cm_tasks are imported
-    deadline = time.monotonic() + 120
-    while not go_file.exists() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 600  # a process meant to come later waits for the others
+    while not go_file.exists():
+        if time.monotonic() > deadline:
+            print(f"{go_file} did not appear", file=sys.stderr)
+            return 1
         time.sleep(0.05)
     started = time.monotonic()
     results = ingest(asset_url, tasks)
