@@ -246,24 +246,6 @@ def _refreshed_events(server: PrefectServer, flow_run_id: str) -> list[dict[str,
         time.sleep(0.5)
 
 
-def _run_ingest(
-    server: PrefectServer,
-    emulator: CarbonMapperEmulator,
-    tmp_path: Path,
-    asset_url: str,
-    *,
-    processes: int,
-    tasks: int,
-    extra_env: dict[str, str] | None = None,
-) -> list[dict[str, Any]]:
-    """Start `processes` ingest processes together; return what each printed and sent."""
-    group = _Ingest(server, emulator, tmp_path, asset_url, processes, tasks, extra_env)
-    try:
-        return group.go()
-    finally:
-        group.stop()
-
-
 class _Ingest:
     """Ingest processes started (Prefect imported, seconds on a loaded machine), not yet run.
 
@@ -316,6 +298,13 @@ class _Ingest:
             report.update(stdout=out.decode(), stderr=err.decode(), home=str(home))
             outputs.append(report)
         return outputs
+
+    def run(self) -> list[dict[str, Any]]:
+        """`go`, then stop whatever is left of the processes."""
+        try:
+            return self.go()
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         for process, _ in self.started:
@@ -479,15 +468,9 @@ def test_three_ingest_processes_share_one_refresh_run_and_never_read_a_secret(
     # A slow token/pair keeps the run going while all three processes start asking.
     emulator.fail(TOKEN_PAIR, Fault.delay(8))
 
-    outputs = _run_ingest(
-        server,
-        emulator,
-        tmp_path,
-        asset_url,
-        processes=3,
-        tasks=8,
-        extra_env={"CM_REFRESH_TIMEOUT": "180"},
-    )
+    outputs = _Ingest(
+        server, emulator, tmp_path, asset_url, 3, 8, {"CM_REFRESH_TIMEOUT": "180"}
+    ).run()
 
     results = [r for report in outputs for r in report["results"]]
     assert [r.get("error") for r in results] == [None] * 24
@@ -558,9 +541,7 @@ def test_a_failed_refresh_run_is_every_callers_error_and_the_token_stays(
     # interpreter starts beside theirs, so that a loaded machine's import time is not the gap.
     later = _Ingest(server, emulator, tmp_path / "late", asset_url, 1, 1, env)
     try:
-        outputs = _run_ingest(
-            server, emulator, tmp_path / "first", asset_url, processes=2, tasks=4, extra_env=env
-        )
+        outputs = _Ingest(server, emulator, tmp_path / "first", asset_url, 2, 4, env).run()
         late = later.go()
     finally:
         later.stop()

@@ -13,37 +13,16 @@ from prefect.client.schemas.objects import StateType
 from cm_tasks import _deployment_refresh
 from cm_tasks._deployment_refresh import _Runs
 from cm_tasks._token_events import Heard
+from tests.support.streams import ScriptedStream
 
 
-class _RunEvents:
-    """A live stream of one run's events, one per `next`."""
-
-    live = True
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-
-    def __call__(self, *_args: object, **_kwargs: object) -> _RunEvents:
-        return self  # stands in for the Listener class
-
-    def __enter__(self) -> _RunEvents:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        pass
-
-    def next(self, timeout: float) -> Heard:
-        assert self.names, "waited for more events than the run sent"
-        return Heard(f"prefect.flow-run.{self.names.pop(0)}", datetime.now(timezone.utc))
-
-
-def _runs(reads: list[str], events: _RunEvents | None = None) -> _Runs:
+def _runs(reads: list[str], events: ScriptedStream | None = None) -> _Runs:
     """The runs of a deployment whose run is Completed once its last event was sent."""
     runs = _Runs.__new__(_Runs)  # no deployment read: only the wait is under test
 
     def read_flow_run(run_id: str) -> Any:
         reads.append(run_id)
-        done = events is None or not events.names
+        done = events is None or not events.heard
         return SimpleNamespace(
             id=run_id, state_type=StateType.COMPLETED if done else StateType.RUNNING
         )
@@ -59,7 +38,8 @@ def test_the_run_is_read_once_on_its_final_event_not_on_its_way_there(
     # Prefect 3.9's workers add Submitting (and InfrastructurePending) before Running: each
     # used to cost the process that started the run a read of it.
     names = ["Pending", "Submitting", "InfrastructurePending", "Running", "heartbeat"]
-    events = _RunEvents([*names, "Completed"])
+    now = datetime.now(timezone.utc)
+    events = ScriptedStream([Heard(f"prefect.flow-run.{n}", now) for n in [*names, "Completed"]])
     monkeypatch.setattr(_deployment_refresh, "Listener", events)
     reads: list[str] = []
     started = SimpleNamespace(id="run-1", state_type=StateType.SCHEDULED)

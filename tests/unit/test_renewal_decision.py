@@ -13,6 +13,7 @@ from cm_tasks._renewal import Action, Call, Flight, Outcome, decide
 from cm_tasks.blocks import CarbonMapperStacToken
 from cm_tasks.errors import ConfigurationError, RefreshRunError
 from cm_tasks.settings import load_settings
+from tests.support.streams import ScriptedStream
 
 API = "https://api.example/api/v1/"
 
@@ -197,26 +198,6 @@ def test_refused_credentials_hold_this_process_and_route_only(
     assert _token_cache.cooling(inline.key, inline.route) is None  # the documented way out
 
 
-class _ScriptedStream:
-    """A live events stream that delivers the given events, one per `next`, then fails."""
-
-    def __init__(self, heard: list[object]) -> None:
-        self.heard, self.live = heard, True
-
-    def __call__(self, *_args: object, **_kwargs: object) -> _ScriptedStream:
-        return self  # stands in for the Listener class
-
-    def __enter__(self) -> _ScriptedStream:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        pass
-
-    def next(self, timeout: float) -> object:
-        assert self.heard, "waited for more than the script holds"
-        return self.heard.pop(0)
-
-
 @pytest.fixture
 def lease_asks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every try of the renewal lease (always held by another process); reads are scripted."""
@@ -235,7 +216,7 @@ def lease_asks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _script(monkeypatch: pytest.MonkeyPatch, heard: list[object], reads: list[object]) -> None:
-    monkeypatch.setattr(_renewal, "Listener", _ScriptedStream(heard))
+    monkeypatch.setattr(_renewal, "Listener", ScriptedStream(heard))
     monkeypatch.setattr(_renewal, "_read", lambda call: reads.pop(0))
 
 

@@ -1,0 +1,32 @@
+"""A stand-in for `cm_tasks._token_events.Listener`: a live stream that says what it is told."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class ScriptedStream:
+    """A live events stream that delivers the given events in order, one per `next`.
+
+    Patched in for the `Listener` class (calling it returns the stream itself), so that a
+    unit test decides exactly what a waiter hears, and fails if it listens for more.
+    """
+
+    live = True
+
+    def __init__(self, heard: Sequence[Any]) -> None:
+        self.heard = list(heard)
+
+    def __call__(self, *_args: object, **_kwargs: object) -> ScriptedStream:
+        return self
+
+    def __enter__(self) -> ScriptedStream:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        pass
+
+    def next(self, timeout: float) -> Any:
+        assert self.heard, "waited for more events than the script holds"
+        return self.heard.pop(0)
