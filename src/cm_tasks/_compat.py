@@ -91,6 +91,12 @@ def create_limit(client: SyncPrefectClient, name: str) -> None:
             raise
 
 
+def renew_slot(client: SyncPrefectClient, slot: Slot, duration: float) -> None:
+    """Make a slot's lease last duration seconds more (Prefect 3.4+; nothing without leases)."""
+    if slot.lease_id is not None:
+        client.renew_concurrency_lease(slot.lease_id, lease_duration=duration)
+
+
 def release_slot(client: SyncPrefectClient, slot: Slot, held_seconds: float) -> None:
     """Give the slot back (by its lease, or, on Prefect 3.2-3.3, by name)."""
     if slot.lease_id is not None:

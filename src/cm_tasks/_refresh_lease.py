@@ -2,13 +2,17 @@
 
 A Prefect global concurrency limit of 1 per block, `cm-tasks-refresh-<block>`, taken on the
 current Prefect API. It is tried once, never polled: a process that finds it held hears the
-holder's outcome on the events stream (`cm_tasks._token_events`). See `cm_tasks._compat` for
-what differs without leases (Prefect 3.2-3.3).
+holder's outcome on the events stream (`cm_tasks._token_events`). On Prefect 3.4+ the lease is
+short (`LEASE_SECONDS`) and renewed while its holder lives, up to the refresh's time bound: a
+holder that died frees it within about a minute, not at the end of the bound. See
+`cm_tasks._compat` for what differs without leases (Prefect 3.2-3.3).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +35,10 @@ CONNECT_SECONDS = 10.0
 """The connect time-out of the token client (`CarbonMapperClient`): min(CM_TIMEOUT, 10 s)."""
 RELEASE_WAITS = (0.5, 1.0, 2.0, 4.0)
 """Pauses between attempts to give the slot back after a transient Prefect API error."""
+LEASE_SECONDS = _compat.MIN_LEASE_SECONDS
+"""How long the lease outlives its holder (Prefect 3.4+; the server frees it within 15 s more)."""
+KEEP_ALIVE_SECONDS = LEASE_SECONDS / 3
+"""How often a living holder renews its lease: two renewals may fail before it lapses."""
 
 _logger = logging.getLogger("cm_tasks")
 
@@ -64,7 +72,8 @@ def try_lease(block_name: str, duration: float) -> Iterator[bool]:
 
     Args:
         block_name: the token block to renew.
-        duration: how long the lease outlives a holder that died (Prefect 3.4+).
+        duration: the longest a holder keeps the lease (the renewal's time bound); one that
+            died loses it after `LEASE_SECONDS` (Prefect 3.4+).
 
     Raises:
         TokenBlockError: the Prefect API could not be reached or refused (transient when
@@ -72,15 +81,38 @@ def try_lease(block_name: str, duration: float) -> Iterator[bool]:
     """
     name, api = lease_name(block_name), prefect_api()
     with bounded_calls(f"take the renewal lease {name!r}") as call:
-        slot = call(_take, name, api, duration)
+        slot = call(_take, name, api, LEASE_SECONDS)
     if slot is None:
         yield False
         return
     since = time.monotonic()
+    released = threading.Event()
+    if slot.lease_id is not None:
+        keeper = contextvars.copy_context()  # the holder's Prefect settings
+        threading.Thread(
+            target=keeper.run,
+            args=(_keep_alive, slot, since + duration, released),
+            name="cm-tasks-lease",
+            daemon=True,
+        ).start()
     try:
         yield True
     finally:
+        released.set()
         _release(slot, api, since)
+
+
+def _keep_alive(slot: _compat.Slot, until: float, released: threading.Event) -> None:
+    """Renew the lease every KEEP_ALIVE_SECONDS until it is released or until (monotonic)."""
+    while not released.wait(KEEP_ALIVE_SECONDS) and time.monotonic() < until:
+        try:
+            with (
+                bounded_calls(f"renew the renewal lease {slot.name!r}") as call,
+                get_client(sync_client=True) as client,
+            ):
+                call(_compat.renew_slot, client, slot, LEASE_SECONDS)
+        except Exception as exc:  # the next try may work; the lease lapses after two more
+            _logger.debug("%s", exc)
 
 
 def _take(name: str, api: str | None, duration: float) -> _compat.Slot | None:

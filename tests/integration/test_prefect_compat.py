@@ -75,6 +75,35 @@ def test_one_lease_holder_at_a_time_on_every_version() -> None:
         assert mine
 
 
+def test_a_living_holder_renews_its_lease_on_every_version_that_has_leases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prefect 3.4+: the lease is short and renewed while its holder lives (a killed holder
+    # frees it within a minute, not at the end of the bound). Prefect 3.2: nothing to renew.
+    monkeypatch.setattr(_refresh_lease, "KEEP_ALIVE_SECONDS", 0.1)
+    renewed, failed = threading.Event(), []
+    renew = _compat.renew_slot
+
+    def counted(client: SyncPrefectClient, slot: _compat.Slot, duration: float) -> None:
+        try:
+            renew(client, slot, duration)
+        except Exception as exc:
+            failed.append(exc)
+            raise
+        renewed.set()
+
+    monkeypatch.setattr(_compat, "renew_slot", counted)
+    with try_lease("compat-lease-renewed", 980.0) as mine:
+        assert mine
+        leases = [t for t in threading.enumerate() if t.name == "cm-tasks-lease"]
+        assert bool(leases) == prefect_has_leases()  # each compat leg's server is its own version
+        if leases:
+            assert renewed.wait(30), failed  # renewed by the real server, with no error
+    assert failed == []
+    with try_lease("compat-lease-renewed", 980.0) as mine:  # released as before
+        assert mine
+
+
 def _busy(status: int = 500) -> PrefectHTTPStatusError:
     """What a SQLite-backed Prefect server answers while its database is locked."""
     request = httpx.Request("POST", "http://127.0.0.1/api/v2/concurrency_limits/decrement")

@@ -1,0 +1,84 @@
+"""The renewal lease on Prefect 3.4+: short, and renewed while its holder lives.
+
+A holder killed mid-renewal used to keep the lease for the whole refresh bound (980 s with the
+defaults), and every waiter gave up just before it lapsed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from cm_tasks import _compat, _refresh_lease
+from cm_tasks._refresh_lease import LEASE_SECONDS, try_lease
+
+
+@pytest.fixture
+def lease(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """A Prefect API whose lease calls are recorded; the keeper renews every 10 ms."""
+    seen: dict[str, Any] = {"taken": [], "renewed": [], "released": 0, "lease_id": "lease-1"}
+    renewed_twice = threading.Event()
+    seen["renewed_twice"] = renewed_twice
+
+    def take(name: str, _api: object, duration: float) -> _compat.Slot:
+        seen["taken"].append(duration)
+        return _compat.Slot(name, seen["lease_id"])
+
+    def renew(_client: object, slot: _compat.Slot, duration: float) -> None:
+        seen["renewed"].append((slot.lease_id, duration))
+        if len(seen["renewed"]) >= 2:
+            renewed_twice.set()
+
+    def release(*_args: object) -> None:
+        seen["released"] += 1
+
+    @contextmanager
+    def client() -> Iterator[None]:
+        yield None
+
+    monkeypatch.setattr(_refresh_lease, "_take", take)
+    monkeypatch.setattr(_refresh_lease, "_release", release)
+    monkeypatch.setattr(_refresh_lease, "get_client", lambda **_kwargs: client())
+    monkeypatch.setattr(_compat, "renew_slot", renew)
+    monkeypatch.setattr(_refresh_lease, "KEEP_ALIVE_SECONDS", 0.01)
+    return seen
+
+
+def _keepers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "cm-tasks-lease"]
+
+
+def test_the_lease_is_short_and_renewed_while_its_holder_lives(lease: dict[str, Any]) -> None:
+    with try_lease("block", 980.0) as held:
+        assert held
+        assert lease["renewed_twice"].wait(10)
+    for keeper in _keepers():
+        keeper.join(10)
+
+    assert lease["taken"] == [LEASE_SECONDS]  # not the 980 s bound: a dead holder frees it soon
+    assert set(lease["renewed"]) == {("lease-1", LEASE_SECONDS)}
+    assert lease["released"] == 1
+    assert not _keepers()  # released: no renewal after
+
+
+def test_a_holder_past_its_bound_stops_renewing(lease: dict[str, Any]) -> None:
+    # A hung holder keeps the lease for the renewal's bound at most, as before.
+    with try_lease("block", 0.0) as held:
+        assert held
+        for keeper in _keepers():
+            keeper.join(10)
+        assert not _keepers()
+    assert lease["renewed"] == []
+
+
+def test_without_leases_nothing_is_renewed(lease: dict[str, Any]) -> None:
+    lease["lease_id"] = None  # Prefect 3.2-3.3: a plain slot, held until released
+    with try_lease("block", 980.0) as held:
+        assert held
+        assert not _keepers()
+    assert lease["renewed"] == []
+    assert lease["released"] == 1
