@@ -467,7 +467,7 @@ def _their_failure(
         return None  # an earlier renewal's failure, replayed on connect, and not cooling down
     run_name, run_id = heard.payload.get("flow_run_name"), heard.payload.get("flow_run_id")
     message = heard.payload.get("message") or _messages.their_failure(
-        call.block_name, str(heard.payload.get("error")), retry_after, run_name
+        call.block_name, str(heard.payload.get("error")), max(retry_after - age, 0.0), run_name
     )
     transient = bool(heard.payload.get("transient"))
     error = (
@@ -477,6 +477,10 @@ def _their_failure(
     )
     if retry_after > age:
         _token_cache.cool_down(call.key, retry_after - age, error)
+    elif heard.payload.get("error") == BadCredentialsError.__name__ and not earlier:
+        # Refused credentials, heard while waiting: this process holds its logins as if they
+        # were its own (a replayed refusal does not: the password may have been fixed since).
+        _token_cache.cool_down(call.key, REFUSED_LOGIN_HOLD_SECONDS - age, error, call.route)
     return error
 
 

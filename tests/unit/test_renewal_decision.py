@@ -220,12 +220,14 @@ def _script(monkeypatch: pytest.MonkeyPatch, heard: list[object], reads: list[ob
     monkeypatch.setattr(_renewal, "_read", lambda call: reads.pop(0))
 
 
-def _event(name: str, retry_after: float = 0.0, ago: float = -1.0) -> object:
+def _event(
+    name: str, retry_after: float = 0.0, ago: float = -1.0, error: str = "APIUnavailableError"
+) -> object:
     """An event heard on the stream; by default, one that occurs during the renewal."""
     from cm_tasks._token_events import Heard
 
     occurred = datetime.now(timezone.utc) - timedelta(seconds=ago)
-    return Heard(name, occurred, {"error": "APIUnavailableError", "retry_after": retry_after})
+    return Heard(name, occurred, {"error": error, "retry_after": retry_after})
 
 
 STALE = _block("old", timedelta(minutes=20), timedelta(days=13))
@@ -334,3 +336,39 @@ def test_a_renewal_that_started_before_the_read_does_not_stop_this_one_asking(
 
     assert _renewal._renew(_call()).block is FRESH
     assert lease_asks == ["unit-block"]
+
+
+@pytest.mark.parametrize(("ago", "held"), [(-1.0, True), (5.0, False)])
+def test_a_refused_login_heard_while_waiting_holds_this_process_too(
+    monkeypatch: pytest.MonkeyPatch, lease_asks: list[str], ago: float, held: bool
+) -> None:
+    # Found in review: a process that heard another's refused login backed off 30 s, then
+    # made its own failed login and warned again: two warnings and logins a minute, not one.
+    # A refusal replayed from before this wait (the password may be fixed since) holds nothing.
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT
+
+    call = _call()
+    refused = _event(RENEWAL_FAILED_EVENT, ago=ago, error="BadCredentialsError")
+    heard: list[object] = [None, refused] if held else [refused, None]
+    _script(monkeypatch, heard, [STALE] if held else [STALE, STALE])
+    if not held:  # the replay is no outcome: the wait ends at its (here: immediate) deadline
+        monkeypatch.setattr(_renewal, "_bound", lambda call: 0.0)
+
+    outcome = _renewal._renew(call)
+
+    assert ("BadCredentialsError" in str(outcome.error)) is held
+    assert (_token_cache.cooling_left(call.key, call.route) > 55.0) is held
+    _token_cache.clear_token_cache()
+
+
+def test_a_cool_down_heard_late_says_what_is_left_of_it(
+    monkeypatch: pytest.MonkeyPatch, lease_asks: list[str]
+) -> None:
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT
+
+    _script(monkeypatch, [_event(RENEWAL_FAILED_EVENT, 60.0, ago=15.0)], [STALE])
+
+    outcome = _renewal._renew(_call())
+
+    assert "for 45 s" in str(outcome.error)
+    _token_cache.clear_token_cache()
