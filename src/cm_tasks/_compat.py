@@ -91,10 +91,21 @@ def create_limit(client: SyncPrefectClient, name: str) -> None:
             raise
 
 
-def renew_slot(client: SyncPrefectClient, slot: Slot, duration: float) -> None:
-    """Make a slot's lease last duration seconds more (Prefect 3.4+; nothing without leases)."""
-    if slot.lease_id is not None:
+def renew_slot(client: SyncPrefectClient, slot: Slot, duration: float) -> bool:
+    """Make a slot's lease last duration seconds more; False if the server lost the lease.
+
+    Prefect 3.4+ answers 410 (or 404) for a lease it does not know: it lapsed, or the server
+    restarted (the default lease storage is in memory). Without leases: nothing to renew.
+    """
+    if slot.lease_id is None:
+        return True
+    try:
         client.renew_concurrency_lease(slot.lease_id, lease_duration=duration)
+    except PrefectHTTPStatusError as exc:
+        if exc.response.status_code in (404, 410):
+            return False
+        raise
+    return True
 
 
 def release_slot(client: SyncPrefectClient, slot: Slot, held_seconds: float) -> None:

@@ -38,6 +38,16 @@ def lease_not_released(name: str, api: str | None, exc: BaseException) -> str:
     )
 
 
+def lease_lost(name: str, api: str | None) -> str:
+    """The Prefect server no longer knows the lease this process holds."""
+    return (
+        f"This process's renewal lease {name!r} is no longer known to {_where(api)} (the "
+        "server restarted, or the lease lapsed while it was out of reach). If "
+        f"`prefect gcl inspect {name}` still shows an active slot once this renewal has ended, "
+        f"nobody holds it: free it with `prefect gcl update {name} --active-slots 0`."
+    )
+
+
 def api_mismatch(block_name: str, block: CarbonMapperStacToken, api_url: str) -> str:
     """The block holds a token for another API than the caller's."""
     host = api_identity(api_url).split("://", 1)[-1].split("/", 1)[0]

@@ -10,6 +10,7 @@ holder that died frees it within about a minute, not at the end of the bound. Se
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import logging
 import threading
@@ -39,6 +40,8 @@ LEASE_SECONDS = _compat.MIN_LEASE_SECONDS
 """How long the lease outlives its holder (Prefect 3.4+; the server frees it within 15 s more)."""
 KEEP_ALIVE_SECONDS = LEASE_SECONDS / 3
 """How often a living holder renews its lease: two renewals may fail before it lapses."""
+KEEPER_JOIN_SECONDS = 5.0
+"""Longest wait, on release, for a lease renewal in flight."""
 
 _logger = logging.getLogger("cm_tasks")
 
@@ -86,33 +89,75 @@ def try_lease(block_name: str, duration: float) -> Iterator[bool]:
         yield False
         return
     since = time.monotonic()
-    released = threading.Event()
-    if slot.lease_id is not None:
-        keeper = contextvars.copy_context()  # the holder's Prefect settings
-        threading.Thread(
-            target=keeper.run,
-            args=(_keep_alive, slot, since + duration, released),
-            name="cm-tasks-lease",
-            daemon=True,
-        ).start()
+    keeper = _Keeper(slot, since + duration) if slot.lease_id is not None else None
     try:
         yield True
     finally:
-        released.set()
+        if keeper is not None:
+            keeper.stop()
         _release(slot, api, since)
 
 
-def _keep_alive(slot: _compat.Slot, until: float, released: threading.Event) -> None:
-    """Renew the lease every KEEP_ALIVE_SECONDS until it is released or until (monotonic)."""
-    while not released.wait(KEEP_ALIVE_SECONDS) and time.monotonic() < until:
-        try:
-            with (
-                bounded_calls(f"renew the renewal lease {slot.name!r}") as call,
-                get_client(sync_client=True) as client,
-            ):
-                call(_compat.renew_slot, client, slot, LEASE_SECONDS)
-        except Exception as exc:  # the next try may work; the lease lapses after two more
-            _logger.debug("%s", exc)
+class _Keeper:
+    """Renews a lease every KEEP_ALIVE_SECONDS while its holder lives, up to a time bound.
+
+    Attempts start at a fixed rate (a slow one does not push the next back), over one client
+    (one CSRF token per lease, not per renewal). A lease the server no longer knows (it
+    restarted, or the lease lapsed) is said once, and not renewed again.
+    """
+
+    def __init__(self, slot: _compat.Slot, until: float) -> None:
+        self.slot, self.until = slot, until
+        self.released = threading.Event()
+        context = contextvars.copy_context()  # the holder's Prefect settings
+        self.thread = threading.Thread(
+            target=context.run, args=(self._run,), name="cm-tasks-lease", daemon=True
+        )
+        with _keepers_guard:
+            _keepers.add(self)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing; wait for a renewal in flight (no renewal after the release)."""
+        self.released.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(KEEPER_JOIN_SECONDS)
+        with _keepers_guard:
+            _keepers.discard(self)
+
+    def _run(self) -> None:
+        name = self.slot.name
+        next_at = time.monotonic() + KEEP_ALIVE_SECONDS
+        with (
+            bounded_calls(f"renew the renewal lease {name!r}") as call,
+            get_client(sync_client=True) as client,
+        ):
+            while not self.released.wait(max(next_at - time.monotonic(), 0.0)):
+                if time.monotonic() >= self.until:
+                    return
+                next_at += KEEP_ALIVE_SECONDS
+                try:
+                    renewed = call(_compat.renew_slot, client, self.slot, LEASE_SECONDS)
+                except Exception as exc:  # the next attempt may work before the lease lapses
+                    _logger.debug("%s", exc)
+                    continue
+                if not renewed:
+                    _logger.warning(_messages.lease_lost(name, prefect_api()))
+                    return
+
+
+_keepers: set[_Keeper] = set()
+_keepers_guard = threading.Lock()
+
+
+@atexit.register
+def _stop_keepers() -> None:
+    # A holder in a daemon thread may still hold its lease when the interpreter exits: a
+    # keeper still inside a request then could abort the exit (seen: exit 134).
+    with _keepers_guard:
+        keepers = list(_keepers)
+    for keeper in keepers:
+        keeper.stop()
 
 
 def _take(name: str, api: str | None, duration: float) -> _compat.Slot | None:

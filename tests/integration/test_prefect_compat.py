@@ -84,13 +84,15 @@ def test_a_living_holder_renews_its_lease_on_every_version_that_has_leases(
     renewed, failed = threading.Event(), []
     renew = _compat.renew_slot
 
-    def counted(client: SyncPrefectClient, slot: _compat.Slot, duration: float) -> None:
+    def counted(client: SyncPrefectClient, slot: _compat.Slot, duration: float) -> bool:
         try:
-            renew(client, slot, duration)
+            known = renew(client, slot, duration)
         except Exception as exc:
             failed.append(exc)
             raise
-        renewed.set()
+        if known:
+            renewed.set()
+        return known
 
     monkeypatch.setattr(_compat, "renew_slot", counted)
     with try_lease("compat-lease-renewed", 980.0) as mine:
@@ -102,6 +104,18 @@ def test_a_living_holder_renews_its_lease_on_every_version_that_has_leases(
     assert failed == []
     with try_lease("compat-lease-renewed", 980.0) as mine:  # released as before
         assert mine
+
+
+def test_a_lease_the_server_no_longer_knows_is_told_apart_on_every_version() -> None:
+    # What a restarted server (leases kept in memory) or a lapsed lease answers a renewal:
+    # 410 or 404 on Prefect 3.4+, which renew_slot reports as lost; 3.2 has nothing to renew.
+    name = lease_name("compat-lease-lost")
+    with get_client(sync_client=True) as client:
+        slot = _compat.take_slot(client, None, name, 60.0)
+        assert slot is not None
+        assert _compat.renew_slot(client, slot, 60.0)  # known: renewed
+        _compat.release_slot(client, slot, 1.0)
+        assert _compat.renew_slot(client, slot, 60.0) is not prefect_has_leases()
 
 
 def _busy(status: int = 500) -> PrefectHTTPStatusError:

@@ -21,6 +21,7 @@ from cm_tasks._refresh_lease import LEASE_SECONDS, try_lease
 def lease(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A Prefect API whose lease calls are recorded; the keeper renews every 10 ms."""
     seen: dict[str, Any] = {"taken": [], "renewed": [], "released": 0, "lease_id": "lease-1"}
+    seen["known"] = True  # what the server says of the lease
     renewed_twice = threading.Event()
     seen["renewed_twice"] = renewed_twice
 
@@ -28,13 +29,15 @@ def lease(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen["taken"].append(duration)
         return _compat.Slot(name, seen["lease_id"])
 
-    def renew(_client: object, slot: _compat.Slot, duration: float) -> None:
+    def renew(_client: object, slot: _compat.Slot, duration: float) -> bool:
         seen["renewed"].append((slot.lease_id, duration))
         if len(seen["renewed"]) >= 2:
             renewed_twice.set()
+        return seen["known"]
 
     def release(*_args: object) -> None:
         seen["released"] += 1
+        seen["renewed_at_release"] = len(seen["renewed"])
 
     @contextmanager
     def client() -> Iterator[None]:
@@ -62,7 +65,8 @@ def test_the_lease_is_short_and_renewed_while_its_holder_lives(lease: dict[str, 
     assert lease["taken"] == [LEASE_SECONDS]  # not the 980 s bound: a dead holder frees it soon
     assert set(lease["renewed"]) == {("lease-1", LEASE_SECONDS)}
     assert lease["released"] == 1
-    assert not _keepers()  # released: no renewal after
+    assert not _keepers()  # stopped before the release: no renewal after it
+    assert lease["renewed_at_release"] == len(lease["renewed"])
 
 
 def test_a_holder_past_its_bound_stops_renewing(lease: dict[str, Any]) -> None:
@@ -82,3 +86,21 @@ def test_without_leases_nothing_is_renewed(lease: dict[str, Any]) -> None:
         assert not _keepers()
     assert lease["renewed"] == []
     assert lease["released"] == 1
+
+
+def test_a_lease_the_server_lost_is_said_once_and_not_renewed_again(
+    lease: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found in review: a Prefect server restarted while a process held the lease (leases are
+    # kept in memory) answered every renewal 410, which the keeper logged at debug level only.
+    lease["known"] = False
+    with try_lease("block", 980.0) as held:
+        assert held
+        for keeper in _keepers():
+            keeper.join(10)  # it ends by itself
+        assert not _keepers()
+
+    assert len(lease["renewed"]) == 1
+    lost = [r.getMessage() for r in caplog.records if "no longer known" in r.getMessage()]
+    assert len(lost) == 1
+    assert "--active-slots 0" in lost[0]
