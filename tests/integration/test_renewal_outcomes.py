@@ -303,16 +303,19 @@ def test_a_refresh_deployment_nobody_serves_does_not_hold_a_valid_cached_token(
     # CM_REFRESH_TIMEOUT (300 s) and not as an error.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.exceptions import ObjectAlreadyExists
+    from prefect.states import Cancelled
 
     emu = carbon_mapper_credentials
     with get_client(sync_client=True) as client:
         with contextlib.suppress(ObjectAlreadyExists):
             client.create_work_pool(WorkPoolCreate(name="nobody-serves", type="process"))
         flow_id = client.create_flow_from_name("refresh-stac-token")
-        client.create_deployment(flow_id, "unserved", work_pool_name="nobody-serves")
+        deployment_id = client.create_deployment(
+            flow_id, "unserved", work_pool_name="nobody-serves"
+        )
     monkeypatch.setenv("CM_REFRESH_DEPLOYMENT", "refresh-stac-token/unserved")
-    # A block of its own: the renewal goes on in the background after the test (up to 300 s).
     monkeypatch.setenv("CM_TOKEN_BLOCK", "unserved-token")
     cached = save_token(emu, mint(emu), timedelta(minutes=50), "unserved-token")
     clear_token_cache()
@@ -321,6 +324,16 @@ def test_a_refresh_deployment_nobody_serves_does_not_hold_a_valid_cached_token(
     assert get_stac_token(refresh="deployment") == cached.get()
     assert time.monotonic() - started < 30
     assert emu.requests(CREATE_STAC) == 0
+    # The renewal still waits on its run (up to 300 s): cancelled, it ends and releases its
+    # lease now, while this Prefect API is up, not at the worker's exit into a closed log.
+    with get_client(sync_client=True) as client:
+        waiting = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+        assert waiting, "the renewal started no run of the unserved deployment"
+        for run in waiting:
+            client.set_flow_run_state(run.id, Cancelled(), force=True)
+    wait_for_renewals("unserved-token")
 
 
 def test_a_refresh_run_running_longer_than_a_refresh_can_take_is_crashed_not_joined(
