@@ -13,7 +13,7 @@ import os
 
 # Before Prefect is imported anywhere: no telemetry calls from an offline machine.
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-# Under pytest-xdist (`make test` runs two workers), each worker gets its own PREFECT_HOME:
+# Under pytest-xdist (`make test` runs four workers), each worker gets its own PREFECT_HOME:
 # result storage, logs and profiles of one test process are not another's.
 if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
     os.environ["PREFECT_HOME"] += f"-{os.environ['PYTEST_XDIST_WORKER']}"
