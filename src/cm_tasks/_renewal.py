@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from functools import lru_cache
+from typing import Any
 
 from prefect.events import emit_event
 
-from cm_tasks import _deployment_refresh, _messages, _token_cache
+from cm_tasks import _deployment_refresh, _messages, _token_cache, errors
 from cm_tasks._logging import current_logger
 from cm_tasks._prefect_calls import bounded_calls, is_transient
 from cm_tasks._refresh_lease import refresh_time_bound, try_lease
@@ -51,7 +52,9 @@ from cm_tasks.errors import (
     APIUnavailableError,
     BadCredentialsError,
     CarbonMapperAPIError,
+    CarbonMapperError,
     ConfigurationError,
+    CredentialsBlockError,
     RefreshRunError,
     TokenBlockError,
     UnexpectedResponseError,
@@ -442,6 +445,8 @@ def _announce_failure(call: Call, error: Exception) -> None:
         "transient": is_transient(error),
         "flow_run_name": getattr(error, "flow_run_name", None),
         "flow_run_id": getattr(error, "flow_run_id", None),
+        "status_code": getattr(error, "status_code", None),
+        "endpoint": getattr(error, "endpoint", None),
         # A run's error says what its state message (stored in Prefect already) says.
         "message": str(error) if isinstance(error, RefreshRunError) else None,
     }
@@ -456,7 +461,7 @@ def _announce(event: str, call: Call, payload: dict[str, object]) -> None:
 
 def _their_failure(
     call: Call, heard: Heard, since: datetime, cooling_only: bool = False
-) -> RefreshRunError | TokenBlockError | None:
+) -> CarbonMapperError | None:
     """The failure another process announced, if it is about this wait (or cools it down)."""
     retry_after = float(heard.payload.get("retry_after") or 0.0)
     # Stamped by the emitting process's clock: one ahead of ours would make its event younger
@@ -465,22 +470,47 @@ def _their_failure(
     earlier = cooling_only or heard.occurred < since or age > _bound(call)
     if age > retry_after and earlier:
         return None  # an earlier renewal's failure, replayed on connect, and not cooling down
-    run_name, run_id = heard.payload.get("flow_run_name"), heard.payload.get("flow_run_id")
+    run_name = heard.payload.get("flow_run_name")
     message = heard.payload.get("message") or _messages.their_failure(
         call.block_name, str(heard.payload.get("error")), max(retry_after - age, 0.0), run_name
     )
-    transient = bool(heard.payload.get("transient"))
-    error = (
-        RefreshRunError(message, flow_run_name=run_name, flow_run_id=run_id, transient=transient)
-        if run_name
-        else TokenBlockError(message, transient=transient)
-    )
+    error = _heard_error(heard.payload, message)
     if retry_after > age:
         _token_cache.cool_down(call.key, retry_after - age, error)
     elif heard.payload.get("error") == BadCredentialsError.__name__ and not earlier:
         # Refused credentials, heard while waiting: this process holds its logins as if they
         # were its own (a replayed refusal does not: the password may have been fixed since).
         _token_cache.cool_down(call.key, REFUSED_LOGIN_HOLD_SECONDS - age, error, call.route)
+    return error
+
+
+def _heard_error(payload: dict[str, Any], message: str) -> CarbonMapperError:
+    """Another process's failure as this process's callers get it: of the same kind.
+
+    The errors a caller acts on keep their class, the platform's and the credential blocks'
+    (a handler for `BadCredentialsError` sees one in every process, not only in the one that
+    logged in); a run's failure is a RefreshRunError; any other is about the token block.
+    """
+    transient = bool(payload.get("transient"))
+    run_name, run_id = payload.get("flow_run_name"), payload.get("flow_run_id")
+    if run_name:
+        return RefreshRunError(
+            message, flow_run_name=run_name, flow_run_id=run_id, transient=transient
+        )
+    kind = getattr(errors, str(payload.get("error")), None)
+    error: CarbonMapperError
+    if isinstance(kind, type) and issubclass(kind, CarbonMapperAPIError):
+        status = payload.get("status_code")
+        error = kind(
+            message,
+            status_code=status if isinstance(status, int) else None,
+            endpoint=str(payload.get("endpoint") or ""),
+        )
+    elif kind is CredentialsBlockError:
+        error = CredentialsBlockError(message)
+    else:
+        return TokenBlockError(message, transient=transient)
+    error.transient = transient
     return error
 
 

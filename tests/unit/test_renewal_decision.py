@@ -9,9 +9,19 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cm_tasks import _renewal, _token_cache
+from cm_tasks._prefect_calls import is_transient
 from cm_tasks._renewal import Action, Call, Flight, Outcome, decide
 from cm_tasks.blocks import CarbonMapperStacToken
-from cm_tasks.errors import ConfigurationError, RefreshRunError
+from cm_tasks.client import CREATE_STAC_PATH as CREATE
+from cm_tasks.errors import (
+    APIUnavailableError,
+    BadCredentialsError,
+    ConfigurationError,
+    CredentialsBlockError,
+    PermissionDeniedError,
+    RefreshRunError,
+    TokenBlockError,
+)
 from cm_tasks.settings import load_settings
 from tests.support.streams import ScriptedStream
 
@@ -178,7 +188,6 @@ def test_refused_credentials_hold_this_process_and_route_only(
     # Found by a reviewer: announced to every process, the hold made processes started after
     # `cm-tasks login` fixed the password replay the refusal for 60 s, while one of them had
     # already renewed the block with the fixed one.
-    from cm_tasks.errors import BadCredentialsError
 
     announced: list[dict[str, object]] = []
     monkeypatch.setattr(_renewal, "emit_event", lambda *_a, **kw: announced.append(kw["payload"]))
@@ -302,7 +311,6 @@ def test_serving_through_a_longer_cool_down_is_said_once(
 ) -> None:
     # Found in review: during the 60 s hold after refused credentials, the "using the cached
     # token; trying again in 30 s" warning came again 30 s in, and the hold was not over.
-    from cm_tasks.errors import BadCredentialsError
 
     call = _call()
     _cache_a_valid_token(call)
@@ -371,4 +379,39 @@ def test_a_cool_down_heard_late_says_what_is_left_of_it(
     outcome = _renewal._renew(_call())
 
     assert "for 45 s" in str(outcome.error)
+    _token_cache.clear_token_cache()
+
+
+@pytest.mark.parametrize(
+    ("raised", "heard_as"),
+    [
+        (BadCredentialsError("401", status_code=401, endpoint="token/pair"), BadCredentialsError),
+        (PermissionDeniedError("403", status_code=403, endpoint=CREATE), PermissionDeniedError),
+        (APIUnavailableError("503", status_code=503, endpoint=CREATE), APIUnavailableError),
+        (CredentialsBlockError("no block 'cm-password'"), CredentialsBlockError),
+        (ConfigurationError("CM_TOKEN_LIFETIME_DAYS: 0"), TokenBlockError),
+    ],
+)
+def test_a_heard_failure_of_the_platform_keeps_its_kind(
+    monkeypatch: pytest.MonkeyPatch, raised: Exception, heard_as: type[Exception]
+) -> None:
+    # Found in review: a process that heard another's refused login gave its callers a
+    # TokenBlockError, so a handler for BadCredentialsError (get_stac_token's Raises) saw the
+    # refusal only in the process that logged in.
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT, Heard
+
+    announced: list[dict[str, object]] = []
+    monkeypatch.setattr(_renewal, "emit_event", lambda event, **kw: announced.append(kw["payload"]))
+    call = _call()
+    _renewal._announce_failure(call, raised)
+    _token_cache.clear_token_cache()  # the announcer's own hold is not what this test hears
+    heard = Heard(RENEWAL_FAILED_EVENT, datetime.now(timezone.utc), announced[0])
+
+    failure = _renewal._their_failure(call, heard, since=heard.occurred - timedelta(seconds=2))
+
+    assert type(failure) is heard_as
+    assert failure.transient is is_transient(raised)
+    assert getattr(failure, "status_code", None) == getattr(raised, "status_code", None)
+    assert getattr(failure, "endpoint", None) == getattr(raised, "endpoint", None)
+    assert "Another process's renewal" in str(failure)
     _token_cache.clear_token_cache()
