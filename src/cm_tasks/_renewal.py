@@ -377,11 +377,14 @@ def _their_outcome(call: Call, heard: Heard | None, since: datetime, asked: bool
     """What a waiter learns from an event (None: a silence): a failure, or a usable block.
 
     Once the waiter has asked for the lease, a failure about this wait is its outcome, and
-    an outcome or a silence means one read of the block. Before (it just read the block), only
-    a failure whose cool-down lasts counts. `renewal-started`: another process is at it.
+    an outcome or a silence means one read of the block. Before, a failure counts if it came
+    after the block was read (one just before may be this process's own, before
+    `clear_token_cache()`), or while its cool-down lasts. `renewal-started`: another process
+    is at it.
     """
     if heard is not None and heard.name == RENEWAL_FAILED_EVENT:
-        failure = _their_failure(call, heard, since, cooling_only=not asked)
+        counts_from = since if asked else since + EVENT_CLOCK_SLACK  # the read itself
+        failure = _their_failure(call, heard, counts_from)
         return None if failure is None else Outcome(error=failure)
     if heard is None and not asked:
         return None
@@ -440,6 +443,7 @@ def _announce_failure(call: Call, error: Exception) -> None:
         hold = REFUSED_LOGIN_HOLD_SECONDS
         _token_cache.cool_down(call.key, hold, _held(error, hold), call.route)
     payload = {
+        "mode": call.mode,
         "error": type(error).__name__,
         "retry_after": announced,
         "transient": is_transient(error),
@@ -459,15 +463,19 @@ def _announce(event: str, call: Call, payload: dict[str, object]) -> None:
         emit_event(event, resource=token_resource(call.block_name), payload=payload)
 
 
-def _their_failure(
-    call: Call, heard: Heard, since: datetime, cooling_only: bool = False
-) -> CarbonMapperError | None:
-    """The failure another process announced, if it is about this wait (or cools it down)."""
+def _their_failure(call: Call, heard: Heard, since: datetime) -> CarbonMapperError | None:
+    """The failure another process announced, if it is about this wait (or cools it down).
+
+    A failure of another refresh mode is not (credentials an inline renewal was refused are
+    not a deployment's), unless it cools the block down: its token may exist, unsaved.
+    """
     retry_after = float(heard.payload.get("retry_after") or 0.0)
     # Stamped by the emitting process's clock: one ahead of ours would make its event younger
     # than heard, and its cool-down longer than it said. Nothing is heard before it happens.
     age = max((datetime.now(timezone.utc) - heard.occurred).total_seconds(), 0.0)
-    earlier = cooling_only or heard.occurred < since or age > _bound(call)
+    earlier = heard.occurred < since or age > _bound(call)
+    if heard.payload.get("mode", call.mode) != call.mode:  # an older cm-tasks sends no mode
+        earlier = True
     if age > retry_after and earlier:
         return None  # an earlier renewal's failure, replayed on connect, and not cooling down
     run_name = heard.payload.get("flow_run_name")
@@ -480,7 +488,8 @@ def _their_failure(
     elif heard.payload.get("error") == BadCredentialsError.__name__ and not earlier:
         # Refused credentials, heard while waiting: this process holds its logins as if they
         # were its own (a replayed refusal does not: the password may have been fixed since).
-        _token_cache.cool_down(call.key, REFUSED_LOGIN_HOLD_SECONDS - age, error, call.route)
+        hold = REFUSED_LOGIN_HOLD_SECONDS
+        _token_cache.cool_down(call.key, hold - age, _held(error, hold), call.route)
     return error
 
 
@@ -500,12 +509,9 @@ def _heard_error(payload: dict[str, Any], message: str) -> CarbonMapperError:
     kind = getattr(errors, str(payload.get("error")), None)
     error: CarbonMapperError
     if isinstance(kind, type) and issubclass(kind, CarbonMapperAPIError):
-        status = payload.get("status_code")
-        error = kind(
-            message,
-            status_code=status if isinstance(status, int) else None,
-            endpoint=str(payload.get("endpoint") or ""),
-        )
+        # Only what the event says: an older cm-tasks sends neither, the class has defaults.
+        where = {k: payload[k] for k in ("status_code", "endpoint") if payload.get(k) is not None}
+        error = kind(message, **where)
     elif kind is CredentialsBlockError:
         error = CredentialsBlockError(message)
     else:

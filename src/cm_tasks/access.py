@@ -86,7 +86,9 @@ def get_stac_token(
         RefreshRunError: (mode `deployment`) the refresh run failed, crashed or was cancelled;
             `RefreshTimeoutError` when it did not finish within `CM_REFRESH_TIMEOUT`.
         CredentialsBlockError: (mode `inline`) a Secret block is missing or bad.
-        CarbonMapperAPIError: (mode `inline`) the platform API failed.
+        CarbonMapperAPIError: (mode `inline`) the platform API failed, here or in the process
+            whose renewal this one waited for; in any mode, a `create-stac` whose token may
+            exist (nobody renews the block for 60 s).
 
     Example:
         ```python

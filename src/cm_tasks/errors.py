@@ -107,6 +107,11 @@ class UnauthorizedError(CarbonMapperAPIError):
 class BadCredentialsError(UnauthorizedError):
     """401 from `token/pair`: the e-mail or password is wrong, or the account is inactive."""
 
+    def __init__(
+        self, message: str, *, status_code: int | None = 401, endpoint: str = "token/pair"
+    ):
+        super().__init__(message, status_code=status_code, endpoint=endpoint)
+
 
 class PermissionDeniedError(CarbonMapperAPIError):
     """403: the account is authenticated but may not do this."""

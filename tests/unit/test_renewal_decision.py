@@ -415,3 +415,61 @@ def test_a_heard_failure_of_the_platform_keeps_its_kind(
     assert getattr(failure, "endpoint", None) == getattr(raised, "endpoint", None)
     assert "Another process's renewal" in str(failure)
     _token_cache.clear_token_cache()
+
+
+def test_a_refusal_from_an_older_cm_tasks_still_says_401_from_token_pair() -> None:
+    # Found in review: an event without status_code and endpoint (cm-tasks before they were
+    # sent, in a fleet being upgraded) gave a BadCredentialsError with neither.
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT, Heard
+
+    now = datetime.now(timezone.utc)
+    payload = {"error": "BadCredentialsError", "retry_after": 0.0, "transient": False}
+    heard = Heard(RENEWAL_FAILED_EVENT, now, payload)
+
+    failure = _renewal._their_failure(_call(), heard, since=now - timedelta(seconds=2))
+
+    assert isinstance(failure, BadCredentialsError)
+    assert (failure.status_code, failure.endpoint) == (401, "token/pair")
+    _token_cache.clear_token_cache()
+
+
+@pytest.mark.parametrize(("retry_after", "counts"), [(0.0, False), (60.0, True)])
+def test_another_refresh_modes_failure_is_not_this_waits_unless_it_cools_down(
+    retry_after: float, counts: bool
+) -> None:
+    # Found in review: a deployment-mode process, which never reads a credential, got a
+    # BadCredentialsError and held its renewals for 60 s after an inline process's refused
+    # login. A create-stac whose token may exist holds every mode.
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT, Heard
+
+    now = datetime.now(timezone.utc)
+    payload = {"mode": "inline", "error": "BadCredentialsError", "retry_after": retry_after}
+    heard = Heard(RENEWAL_FAILED_EVENT, now, payload)
+    call = _call(mode="deployment")
+
+    failure = _renewal._their_failure(call, heard, since=now - timedelta(seconds=2))
+
+    assert (failure is not None) is counts
+    assert (_token_cache.cooling_left(call.key, call.route) > 0) is counts
+    _token_cache.clear_token_cache()
+
+
+def test_a_refusal_heard_before_asking_but_after_the_read_ends_the_wait(
+    monkeypatch: pytest.MonkeyPatch, lease_asks: list[str]
+) -> None:
+    # Found in review: a process heard, in its listen before asking for the lease, a refusal
+    # that came after its read, took it for an earlier renewal's, and logged in again: two
+    # failed logins within a second. Now it is the wait's outcome, and this process holds.
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT
+
+    call = _call()
+    _script(monkeypatch, [_event(RENEWAL_FAILED_EVENT, error="BadCredentialsError")], [STALE])
+
+    outcome = _renewal._renew(call)
+
+    assert isinstance(outcome.error, BadCredentialsError)
+    assert lease_asks == []
+    assert _token_cache.cooling_left(call.key, call.route) > 55.0
+    _until, held, _route = _token_cache._cooling[call.key]
+    assert "clear_token_cache()" in str(held)  # the callers during the hold are told why
+    _token_cache.clear_token_cache()
