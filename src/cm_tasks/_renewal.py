@@ -24,6 +24,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections.abc import Generator
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -200,6 +201,7 @@ class Flight:
 
 
 _flights: dict[FlightKey, Flight] = {}
+_process = uuid.uuid4().hex  # in renewal-failed events: a process knows its own
 _guard = threading.Lock()
 
 
@@ -357,7 +359,7 @@ def _renew(call: Call) -> Outcome:
             if not _renewing_since(heard, read_at):
                 with try_lease(call.block_name, bound) as held:
                     if held:
-                        return _renew_holding_lease(call)
+                        return _failed_meanwhile(call, events, since) or _renew_holding_lease(call)
             if time.monotonic() >= deadline:
                 late = _messages.waited_too_long(call.block_name, bound)
                 return Outcome(error=TokenBlockError(late, transient=True))
@@ -383,8 +385,7 @@ def _their_outcome(call: Call, heard: Heard | None, since: datetime, asked: bool
     is at it.
     """
     if heard is not None and heard.name == RENEWAL_FAILED_EVENT:
-        counts_from = since if asked else since + EVENT_CLOCK_SLACK  # the read itself
-        failure = _their_failure(call, heard, counts_from)
+        failure = _their_failure(call, heard, _counts_from(heard, since, asked))
         return None if failure is None else Outcome(error=failure)
     if heard is None and not asked:
         return None
@@ -392,6 +393,31 @@ def _their_outcome(call: Call, heard: Heard | None, since: datetime, asked: bool
         return None
     block = _read(call)
     return Outcome(block) if decide(block, call) is not Action.RENEW else None
+
+
+def _counts_from(heard: Heard, since: datetime, asked: bool) -> datetime:
+    """From when a heard failure is about this wait.
+
+    After asking for the lease, from since (the read, less the slack for another host's
+    clock). Before, and for this process's own failures (a refusal it had before
+    `clear_token_cache()`, replayed), from the read itself.
+    """
+    own = heard.payload.get("process") == _process
+    return since if asked and not own else since + EVENT_CLOCK_SLACK
+
+
+def _failed_meanwhile(call: Call, events: Listener, since: datetime) -> Outcome | None:
+    """A failure heard while the lease was asked for: this wait's outcome, not a cue to renew.
+
+    Its holder released the lease after announcing it; renewing now would repeat it (one more
+    refused login). A `refreshed` meanwhile needs nothing here: the holder reads the block.
+    """
+    while (heard := events.next(0.0)) is not None:
+        if heard.name == RENEWAL_FAILED_EVENT:
+            failure = _their_failure(call, heard, _counts_from(heard, since, asked=True))
+            if failure is not None:
+                return Outcome(error=failure)
+    return None
 
 
 def _renew_holding_lease(call: Call) -> Outcome:
@@ -443,6 +469,7 @@ def _announce_failure(call: Call, error: Exception) -> None:
         hold = REFUSED_LOGIN_HOLD_SECONDS
         _token_cache.cool_down(call.key, hold, _held(error, hold), call.route)
     payload = {
+        "process": _process,
         "mode": call.mode,
         "error": type(error).__name__,
         "retry_after": announced,
@@ -502,11 +529,12 @@ def _heard_error(payload: dict[str, Any], message: str) -> CarbonMapperError:
     """
     transient = bool(payload.get("transient"))
     run_name, run_id = payload.get("flow_run_name"), payload.get("flow_run_id")
+    kind = getattr(errors, str(payload.get("error")), None)
     if run_name:
-        return RefreshRunError(
+        run_error = kind if isinstance(kind, type) and issubclass(kind, RefreshRunError) else None
+        return (run_error or RefreshRunError)(
             message, flow_run_name=run_name, flow_run_id=run_id, transient=transient
         )
-    kind = getattr(errors, str(payload.get("error")), None)
     error: CarbonMapperError
     if isinstance(kind, type) and issubclass(kind, CarbonMapperAPIError):
         # Only what the event says: an older cm-tasks sends neither, the class has defaults.
@@ -584,9 +612,10 @@ def same_api(block: CarbonMapperStacToken, api_url: str) -> bool:
 
 def _reset_after_fork() -> None:
     # A fork copies the lock as it is, held or not, but not the renewal threads.
-    global _guard
+    global _guard, _process
     _guard = threading.Lock()
     _flights.clear()
+    _process = uuid.uuid4().hex
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

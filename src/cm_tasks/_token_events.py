@@ -7,7 +7,8 @@ from Prefect 3.2) filtered on the token block's resource and reads the block onc
 again. The process that takes a block's renewal lease announces
 `carbon-mapper.stac-token.renewal-started`, so that a process that hears it does not ask for
 the lease at all. The stream sends the last minute of matching events on connect, so an
-outcome that came just before the socket opened is not missed. Where the stream cannot be
+outcome that came before the socket opened is not missed, except one sent in the second or so
+before (the server stores events shortly after it receives them). Where the stream cannot be
 opened (no `PREFECT_API_URL`, a proxy without websockets) `live` is False and the waiter falls
 back to slow, jittered reads (`fallback_wait`).
 """

@@ -473,3 +473,63 @@ def test_a_refusal_heard_before_asking_but_after_the_read_ends_the_wait(
     _until, held, _route = _token_cache._cooling[call.key]
     assert "clear_token_cache()" in str(held)  # the callers during the hold are told why
     _token_cache.clear_token_cache()
+
+
+def test_a_failure_heard_while_asking_for_the_lease_is_the_outcome_not_a_cue_to_renew(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found in review: a process whose lease request was in flight when the holder's login was
+    # refused got the lease next, and logged in again: two refused logins for one refusal.
+    from contextlib import contextmanager
+
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT
+
+    @contextmanager
+    def free(block_name: str, _duration: float) -> Iterator[bool]:
+        yield True  # the holder released it after announcing its failure
+
+    said: list[str] = []
+    monkeypatch.setattr(_renewal, "try_lease", free)
+    monkeypatch.setattr(_renewal, "emit_event", lambda name, **_kw: said.append(name))
+    monkeypatch.setattr(_renewal, "_mint", lambda call: said.append("minted") or FRESH)
+    refused = _event(RENEWAL_FAILED_EVENT, error="BadCredentialsError")
+    _script(monkeypatch, [None, refused], [STALE])  # heard while the lease was asked for
+
+    outcome = _renewal._renew(_call())
+
+    assert isinstance(outcome.error, BadCredentialsError)
+    assert said == []  # neither announced nor minted
+    _token_cache.clear_token_cache()
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_this_processs_own_failure_from_before_the_read_is_not_this_waits(
+    monkeypatch: pytest.MonkeyPatch, lease_asks: list[str], own: bool
+) -> None:
+    # Found in review: a process refused a moment ago, whose password was then fixed and its
+    # cache cleared, could hear its own refusal replayed (inside the slack kept for other
+    # hosts' clocks), get it back, and hold its logins for 60 s.
+    from cm_tasks._token_events import RENEWAL_FAILED_EVENT
+
+    refused = _event(RENEWAL_FAILED_EVENT, ago=0.5, error="BadCredentialsError")
+    refused.payload["process"] = _renewal._process if own else "another-process"  # type: ignore[attr-defined]
+    _script(monkeypatch, [None, refused], [STALE])
+    if own:  # no outcome: the wait ends at its (here: immediate) deadline
+        monkeypatch.setattr(_renewal, "_bound", lambda call: 0.0)
+        monkeypatch.setattr(_renewal, "_read", lambda call: STALE)
+
+    outcome = _renewal._renew(_call())
+
+    assert isinstance(outcome.error, BadCredentialsError) is not own
+    _token_cache.clear_token_cache()
+
+
+def test_a_heard_refresh_timeout_stays_a_refresh_timeout() -> None:
+    from cm_tasks.errors import RefreshTimeoutError
+
+    payload = {"error": "RefreshTimeoutError", "flow_run_name": "brave-cat", "flow_run_id": "1"}
+
+    error = _renewal._heard_error(payload, "the run did not finish")
+
+    assert type(error) is RefreshTimeoutError
+    assert error.flow_run_name == "brave-cat"  # type: ignore[attr-defined]
