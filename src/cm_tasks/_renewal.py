@@ -410,13 +410,13 @@ def _failed_meanwhile(call: Call, events: Listener, since: datetime) -> Outcome 
     """A failure heard while the lease was asked for: this wait's outcome, not a cue to renew.
 
     Its holder released the lease after announcing it; renewing now would repeat it (one more
-    refused login). A `refreshed` meanwhile needs nothing here: the holder reads the block.
+    refused login).
     """
     while (heard := events.next(0.0)) is not None:
-        if heard.name == RENEWAL_FAILED_EVENT:
-            failure = _their_failure(call, heard, _counts_from(heard, since, asked=True))
-            if failure is not None:
-                return Outcome(error=failure)
+        if heard.name != RENEWAL_FAILED_EVENT:
+            continue  # a `refreshed` needs nothing: the holder reads the block
+        if ended := _their_outcome(call, heard, since, asked=True):
+            return ended
     return None
 
 
@@ -500,9 +500,8 @@ def _their_failure(call: Call, heard: Heard, since: datetime) -> CarbonMapperErr
     # Stamped by the emitting process's clock: one ahead of ours would make its event younger
     # than heard, and its cool-down longer than it said. Nothing is heard before it happens.
     age = max((datetime.now(timezone.utc) - heard.occurred).total_seconds(), 0.0)
-    earlier = heard.occurred < since or age > _bound(call)
-    if heard.payload.get("mode", call.mode) != call.mode:  # an older cm-tasks sends no mode
-        earlier = True
+    other_mode = heard.payload.get("mode", call.mode) != call.mode  # older cm-tasks: no mode
+    earlier = other_mode or heard.occurred < since or age > _bound(call)
     if age > retry_after and earlier:
         return None  # an earlier renewal's failure, replayed on connect, and not cooling down
     run_name = heard.payload.get("flow_run_name")
@@ -530,13 +529,12 @@ def _heard_error(payload: dict[str, Any], message: str) -> CarbonMapperError:
     transient = bool(payload.get("transient"))
     run_name, run_id = payload.get("flow_run_name"), payload.get("flow_run_id")
     kind = getattr(errors, str(payload.get("error")), None)
+    kind = kind if isinstance(kind, type) else object  # a name errors.py does not define
     if run_name:
-        run_error = kind if isinstance(kind, type) and issubclass(kind, RefreshRunError) else None
-        return (run_error or RefreshRunError)(
-            message, flow_run_name=run_name, flow_run_id=run_id, transient=transient
-        )
+        run_error = kind if issubclass(kind, RefreshRunError) else RefreshRunError
+        return run_error(message, flow_run_name=run_name, flow_run_id=run_id, transient=transient)
     error: CarbonMapperError
-    if isinstance(kind, type) and issubclass(kind, CarbonMapperAPIError):
+    if issubclass(kind, CarbonMapperAPIError):
         # Only what the event says: an older cm-tasks sends neither, the class has defaults.
         where = {k: payload[k] for k in ("status_code", "endpoint") if payload.get(k) is not None}
         error = kind(message, **where)
