@@ -13,13 +13,15 @@
   process's renewals of that route for a minute: one failed login per process a minute,
   not one per call.
 - One outage rule for every mode: a caller whose cached token has not expired waits at most
-  `PATIENCE_SECONDS` and gets that token on any failure but a configuration error.
+  `PATIENCE_SECONDS` and gets that token on any failure but a configuration error. A renewal
+  with no such token reads the block again through a brief Prefect outage instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import os
 import random
 import threading
@@ -82,6 +84,11 @@ REFUSED_LOGIN_HOLD_SECONDS = 60.0
 HEAR_FIRST_SECONDS = 2.0
 """A renewal listens up to this long (jittered) for another process's `renewal-started` before
 it asks for the lease: processes that find a token stale together ask one at a time."""
+READ_PATIENCE_SECONDS = 60.0
+"""A renewal with no unexpired token to serve meanwhile reads the block again for this long
+after a transient failure (a busy or restarting Prefect API) before it fails."""
+READ_PAUSE_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0)
+"""Pauses (jittered down to half) between those reads; the last one repeats."""
 EVENT_CLOCK_SLACK = timedelta(seconds=2)
 """An outcome event this much older than a waiter's block read still counts (clock skew)."""
 _ROUNDS = 2  # renewals one call may wait for: one, and one more for a stricter min_valid
@@ -223,7 +230,7 @@ def steps(call: Call) -> Generator[tuple[Flight, float | None], Outcome | None, 
         cooling = _token_cache.cooling(call.key, call.route)
         if cooling is not None:
             return _failed(call, entry, cooling)
-        servable = entry is not None and call.rejected is None and entry.servable()
+        servable = _servable(call)
         flight = _flight_for(call)
         # A caller with a servable token waits PATIENCE_SECONDS at most, once per renewal.
         patience = 0.0 if flight.served_meanwhile else PATIENCE_SECONDS
@@ -577,7 +584,33 @@ def _hear_first() -> float:
 
 
 def _read(call: Call) -> CarbonMapperStacToken | None:
-    """The block as saved in Prefect (every request bounded); another API's is an error."""
+    """The block as saved in Prefect; another API's is an error.
+
+    Every request is bounded. Where no caller has an unexpired token to fall back on, a
+    transient failure is tried again for up to `READ_PATIENCE_SECONDS` (within the renewal's
+    bound): a Prefect API busy for half a minute no longer fails every task of an ingest
+    flow that is waiting for a token. With such a token, the failure is the outcome at once
+    and its callers are served (one read per outage, not one per pause).
+    """
+    give_up = time.monotonic() + min(READ_PATIENCE_SECONDS, _bound(call))
+    pauses = itertools.chain(READ_PAUSE_SECONDS, itertools.repeat(READ_PAUSE_SECONDS[-1]))
+    while True:
+        try:
+            return _read_once(call)
+        except TokenBlockError as exc:
+            pause = next(pauses)
+            if not exc.transient or _servable(call) or time.monotonic() + pause > give_up:
+                raise
+        time.sleep(random.uniform(pause / 2, pause))  # noqa: S311 - jitter, not a secret
+
+
+def _servable(call: Call) -> bool:
+    """Whether call's callers have a cached token to be served if the renewal fails."""
+    entry = _cached(call)
+    return entry is not None and entry.servable() and call.rejected is None
+
+
+def _read_once(call: Call) -> CarbonMapperStacToken | None:
     _token_cache.count(reads=1)
     try:
         with bounded_calls(f"read the token block {call.block_name!r}") as prefect:

@@ -315,6 +315,16 @@ def _sent(outputs: list[dict[str, Any]]) -> list[str]:
     return [path for report in outputs for _method, path in report["sent"]]
 
 
+def _what_happened(outputs: list[dict[str, Any]]) -> str:
+    """For a failure message: each process's waits, errors and the end of its log."""
+    return "\n".join(
+        f"process {n}: waited {[round(r['waited'], 1) for r in report['results']]} s, "
+        f"errors {sorted({r.get('error_type') for r in report['results']} - {None})}, "
+        f"{len(report['sent'])} requests; log:\n{report['stderr'][-2500:]}"
+        for n, report in enumerate(outputs)
+    )
+
+
 def _assert_no_credential_access(
     outputs: list[dict[str, Any]], emulator: CarbonMapperEmulator
 ) -> None:
@@ -473,7 +483,7 @@ def test_three_ingest_processes_share_one_refresh_run_and_never_read_a_secret(
     ).run()
 
     results = [r for report in outputs for r in report["results"]]
-    assert [r.get("error") for r in results] == [None] * 24
+    assert [r.get("error") for r in results] == [None] * 24, _what_happened(outputs)
     assert [r["status"] for r in results] == [200] * 24
     new = emulator.issued_stac_tokens[-1]
     assert new != old

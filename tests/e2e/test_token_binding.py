@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
@@ -30,6 +31,7 @@ from cm_tasks import (
     TokenBlockError,
     _prefect_calls,
     _refresh_lease,
+    _renewal,
     aget_stac_token,
     clear_token_cache,
     get_stac_token,
@@ -42,7 +44,12 @@ from cm_tasks import (
 from cm_tasks._lease_limit import lease_name
 from cm_tasks.testing import CarbonMapperEmulator
 from tests.support.leaks import assert_no_leak, collect_secrets
-from tests.support.prefect_server import PrefectServer, running_prefect_server, stop_process_group
+from tests.support.prefect_server import (
+    PrefectServer,
+    restart,
+    running_prefect_server,
+    stop_process_group,
+)
 from tests.support.token_helpers import (
     CREATE_STAC,
     EMAIL_BLOCK,
@@ -290,7 +297,10 @@ def test_a_lease_that_never_comes_is_a_token_block_error(
 
 
 async def test_a_prefect_outage_serves_the_cached_token_with_a_warning(
-    carbon_mapper_env: CarbonMapperEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    carbon_mapper_env: CarbonMapperEmulator,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     emu = carbon_mapper_env
     with running_prefect_server(tmp_path) as outage_server, _on(outage_server):
@@ -309,10 +319,29 @@ async def test_a_prefect_outage_serves_the_cached_token_with_a_warning(
         assert "Using the cached token" in caplog.text
         assert token_cache_info().block_reads - reads == 1  # not tried again for 30 s
         assert emu.requests(CREATE_STAC) == 0
+
+        # Nothing cached, nothing to serve: the read is tried again for READ_PATIENCE_SECONDS
+        # (none here), then the error, transient...
         clear_token_cache()
+        monkeypatch.setattr(_renewal, "READ_PATIENCE_SECONDS", 0.0)
         with pytest.raises(TokenBlockError, match="Could not read the token block") as err:
-            get_stac_token()  # nothing cached: nothing to serve
+            get_stac_token()
         assert err.value.transient
+
+        # ...so that a fresh process gets its token once Prefect is back (CI on Prefect 3.2:
+        # one read timed out 3 times, and all 8 tasks of a fresh ingest process failed). The
+        # patience here covers a server start on a loaded machine.
+        clear_token_cache()
+        monkeypatch.setattr(_renewal, "READ_PATIENCE_SECONDS", 300.0)
+        reads = token_cache_info().block_reads
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            fresh = pool.submit(
+                contextvars.copy_context().run, get_stac_token, min_valid=timedelta(minutes=10)
+            )
+            while token_cache_info().block_reads - reads < 2 and not fresh.done():
+                time.sleep(0.1)  # until one read failed and the next is under way
+            restart(outage_server)
+            assert fresh.result(timeout=300) == cached
     assert_no_leak(collect_secrets(emu), texts={"log": caplog.text}, exceptions=[err.value])
 
 

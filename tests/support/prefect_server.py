@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +137,7 @@ class PrefectServer:
     log_path: Path
     commands: list[subprocess.CompletedProcess[str]] = field(default_factory=list)
     executable: str = field(default_factory=prefect_executable)
+    argv: list[str] = field(default_factory=list)  # how it was started (see `restart`)
 
     def client_env(self, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for a client process (CLI, worker) of this server."""
@@ -151,18 +154,13 @@ class PrefectServer:
         it binds to the API it first sent to, and would otherwise keep sending later tests'
         events to this server after it has stopped.
         """
-        from prefect.events.worker import EventsWorker
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         try:
             with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
                 yield
         finally:
-            drained = EventsWorker.drain_all(timeout=10)
-            if inspect.iscoroutine(drained):
-                # An event loop runs in this thread (Playwright's sync API): the workers are
-                # told to drain, but this thread cannot wait for them.
-                drained.close()
+            _drain_events_workers(at_exit=True)
 
     def prefect(
         self,
@@ -291,8 +289,35 @@ def running_prefect_server(
     args = [executable, "server", "start", "--host", HOST, "--port", str(port)]
     if not services:
         args.append("--no-services")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
+    server = PrefectServer(
+        api_url=f"http://{HOST}:{port}/api",
+        home=home,
+        env=env,
+        process=_spawn(args, home, env, log_path),
+        log_path=log_path,
+        executable=executable,
+        argv=args,
+    )
+    try:
+        _wait_until_healthy(server, startup_timeout)
+        yield server
+    finally:
+        _drain_events_workers()
+        stop_process_group(server.process)
+
+
+def restart(server: PrefectServer, startup_timeout: float = STARTUP_TIMEOUT) -> None:
+    """Start a stopped server again: same port, home and database (what an outage ends with)."""
+    assert server.process.poll() is not None, "stop it first (stop_process_group)"
+    server.process = _spawn(server.argv, server.home, server.env, server.log_path, "ab")
+    _wait_until_healthy(server, startup_timeout)
+
+
+def _spawn(
+    args: list[str], home: Path, env: dict[str, str], log_path: Path, mode: str = "wb"
+) -> subprocess.Popen[bytes]:
+    with log_path.open(mode) as log:
+        return subprocess.Popen(
             args,
             cwd=home,
             env=env,
@@ -301,32 +326,30 @@ def running_prefect_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = PrefectServer(
-        api_url=f"http://{HOST}:{port}/api",
-        home=home,
-        env=env,
-        process=process,
-        log_path=log_path,
-        executable=executable,
-    )
-    try:
-        _wait_until_healthy(server, startup_timeout)
-        yield server
-    finally:
-        _drain_events_workers()
-        stop_process_group(process)
 
 
-def _drain_events_workers() -> None:
+def _drain_events_workers(at_exit: bool = False) -> None:
     """Send this process's pending events and stop its events workers, before a server stops.
 
     Prefect 3.2 to 3.4 keep one events worker per process for any running server: its key
     lacks the API URL. A worker made while a test pointed PREFECT_API_URL at a temporary
     server would otherwise keep sending every later event there, and they would be lost once
     it stops. The next event makes a new worker for the API current then.
+
+    In an async test (or Playwright's sync API) an event loop runs in this thread, where
+    `drain_all` cannot wait: it waits in another thread, else a worker still connecting
+    meets a stopped server and logs into a closed stream at exit.
     """
     from prefect.events.worker import EventsWorker
 
-    waiting = EventsWorker.drain_all(timeout=10, at_exit=False)
-    if inspect.iscoroutine(waiting):  # in an async test: cannot wait here; they drain anyway
-        waiting.close()
+    def drain() -> None:
+        waiting = EventsWorker.drain_all(timeout=10, at_exit=at_exit)
+        assert not inspect.iscoroutine(waiting)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        drain()
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(drain).result()

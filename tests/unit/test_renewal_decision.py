@@ -533,3 +533,65 @@ def test_a_heard_refresh_timeout_stays_a_refresh_timeout() -> None:
 
     assert type(error) is RefreshTimeoutError
     assert error.flow_run_name == "brave-cat"  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def read_attempts(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The outcomes of `_read`'s requests, in order (an exception is raised); pauses of 0 s."""
+    outcomes: list[object] = []
+
+    def read_once(call: Call) -> object:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(_renewal, "_read_once", read_once)
+    monkeypatch.setattr(_renewal, "READ_PAUSE_SECONDS", (0.0,))
+    _token_cache.clear_token_cache()
+    return outcomes
+
+
+def _busy() -> TokenBlockError:
+    return TokenBlockError("Could not read the token block (ReadTimeout ...)", transient=True)
+
+
+def test_a_renewal_with_nothing_to_serve_rides_out_a_busy_prefect_api(
+    read_attempts: list[object],
+) -> None:
+    # CI, Prefect 3.2 under load: one block read timed out three times in a row (30 s) and
+    # all 8 tasks of a fresh ingest process failed, while the refresh run had succeeded.
+    read_attempts.extend([_busy(), _busy(), FRESH])
+    assert _renewal._read(_call()) is FRESH
+    assert read_attempts == []
+
+
+def test_a_renewal_with_a_token_to_serve_fails_at_once_and_serves_it(
+    read_attempts: list[object],
+) -> None:
+    call = _call()
+    _cache_a_valid_token(call)
+    read_attempts.extend([_busy(), FRESH])
+    with pytest.raises(TokenBlockError):
+        _renewal._read(call)
+    assert read_attempts == [FRESH]  # one request per outage: the callers are served
+
+
+def test_a_failure_that_will_not_go_away_is_not_read_again(read_attempts: list[object]) -> None:
+    forbidden = TokenBlockError("403 from the Prefect API", transient=False)
+    read_attempts.extend([forbidden, FRESH])
+    with pytest.raises(TokenBlockError, match="403"):
+        _renewal._read(_call())
+    assert read_attempts == [FRESH]
+
+
+def test_a_busy_prefect_api_is_waited_out_no_longer_than_the_patience(
+    read_attempts: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_renewal, "READ_PATIENCE_SECONDS", 0.3)
+    monkeypatch.setattr(_renewal, "READ_PAUSE_SECONDS", (0.1,))
+    read_attempts.extend([_busy() for _ in range(50)])
+    with pytest.raises(TokenBlockError, match="ReadTimeout") as err:
+        _renewal._read(_call())  # never ending, it would run out of scripted answers
+    assert err.value.transient
+    assert 50 - len(read_attempts) >= 2  # tried again within the patience, then gave up
