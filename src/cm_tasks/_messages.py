@@ -38,11 +38,20 @@ def lease_not_released(name: str, api: str | None, exc: BaseException) -> str:
     )
 
 
+def lease_forgotten(name: str, api: str | None) -> str:
+    """The Prefect server restarted while this process held the lease: freed by name."""
+    return (
+        f"This process's renewal lease {name!r} is no longer known to {_where(api)}, although "
+        "it could not have lapsed yet: the server restarted (it keeps leases in memory) and "
+        "still counts the slot. The slot is given back by name, so that it is not held for ever."
+    )
+
+
 def lease_lost(name: str, api: str | None) -> str:
     """The Prefect server no longer knows the lease this process holds."""
     return (
         f"This process's renewal lease {name!r} is no longer known to {_where(api)} (the "
-        "server restarted, or the lease lapsed while it was out of reach). If "
+        "lease lapsed while it was out of reach, or the server restarted). If "
         f"`prefect gcl inspect {name}` still shows an active slot once this renewal has ended, "
         f"nobody holds it: free it with `prefect gcl update {name} --active-slots 0`."
     )
@@ -126,8 +135,8 @@ def waited_too_long(block_name: str, bound: float) -> str:
     return (
         f"Waited {bound:.0f} s for another process's renewal of block {block_name!r} without "
         "its outcome. Look for a hung process or refresh run; on Prefect before 3.4 a killed "
-        f"holder keeps the lease: `prefect gcl update cm-tasks-refresh-{block_name} "
-        "--active-slots 0`."
+        "holder keeps the lease (on 3.4+, one that died while the server restarted): "
+        f"`prefect gcl update cm-tasks-refresh-{block_name} --active-slots 0`."
     )
 
 

@@ -15,10 +15,11 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
 
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 
 from cm_tasks import _compat, _messages
 from cm_tasks._compat import prefect_has_leases
@@ -83,18 +84,20 @@ def try_lease(block_name: str, duration: float) -> Iterator[bool]:
             trying later may work).
     """
     name, api = lease_name(block_name), prefect_api()
+    asked = time.monotonic()
     with bounded_calls(f"take the renewal lease {name!r}") as call:
         slot = call(_take, name, api, LEASE_SECONDS)
     if slot is None:
         yield False
         return
     since = time.monotonic()
-    keeper = _Keeper(slot, since + duration) if slot.lease_id is not None else None
+    keeper = _Keeper(slot, since + duration, asked) if slot.lease_id is not None else None
     try:
         yield True
     finally:
         if keeper is not None:
             keeper.stop()
+            slot = keeper.slot_to_release()
         _release(slot, api, since)
 
 
@@ -102,12 +105,16 @@ class _Keeper:
     """Renews a lease every KEEP_ALIVE_SECONDS while its holder lives, up to a time bound.
 
     Attempts start at a fixed rate (a slow one does not push the next back), over one client
-    (one CSRF token per lease, not per renewal). A lease the server no longer knows (it
-    restarted, or the lease lapsed) is said once, and not renewed again.
+    (one CSRF token per lease, not per renewal). A lease the server no longer knows is not
+    renewed again; `slot_to_release` tells a restarted server from a lapsed lease.
     """
 
-    def __init__(self, slot: _compat.Slot, until: float) -> None:
+    def __init__(self, slot: _compat.Slot, until: float, confirmed: float) -> None:
         self.slot, self.until = slot, until
+        # Monotonic start of the last request that found the lease, and end of the one that
+        # found it gone: the server cannot have let it lapse within LEASE_SECONDS of the first.
+        self.confirmed = confirmed
+        self.lost_at: float | None = None
         self.released = threading.Event()
         context = contextvars.copy_context()  # the holder's Prefect settings
         self.thread = threading.Thread(
@@ -136,14 +143,43 @@ class _Keeper:
                 if time.monotonic() >= self.until:
                     return
                 next_at += KEEP_ALIVE_SECONDS
-                try:
-                    renewed = call(_compat.renew_slot, client, self.slot, LEASE_SECONDS)
-                except Exception as exc:  # the next attempt may work before the lease lapses
-                    _logger.debug("%s", exc)
-                    continue
-                if not renewed:
-                    _logger.warning(_messages.lease_lost(name, prefect_api()))
-                    return
+                with suppress(Exception):  # the next attempt may work before the lease lapses
+                    if not self._renew(call, client):
+                        return
+
+    def _renew(self, call: Callable[..., Any], client: SyncPrefectClient) -> bool:
+        """Renew the lease once; False (and `lost_at` set) if the server no longer knows it."""
+        started = time.monotonic()
+        if call(_compat.renew_slot, client, self.slot, LEASE_SECONDS):
+            self.confirmed = started
+            return True
+        self.lost_at = time.monotonic()
+        return False
+
+    def slot_to_release(self) -> _compat.Slot:
+        """The slot to give back, once renewals have stopped: by name if the server restarted.
+
+        Leases live in the server's memory: one that restarts forgets them, but keeps counting
+        their slots, and giving back an unknown lease frees nothing. So the holder asks once
+        more; a lease unknown within LEASE_SECONDS of its last renewal cannot have lapsed, and
+        its slot, still counted, is this holder's to give back by name (else it is held for
+        ever). Later than that, the server may have freed it already, for another to take.
+        """
+        name = self.slot.name
+        if self.lost_at is None:
+            with (
+                suppress(Exception),  # unanswered: the lease lapses by itself (3.4+)
+                bounded_calls(f"renew the renewal lease {name!r}") as call,
+                get_client(sync_client=True) as client,
+            ):
+                self._renew(call, client)
+        if self.lost_at is None:
+            return self.slot
+        if self.lost_at - self.confirmed < LEASE_SECONDS:
+            _logger.warning(_messages.lease_forgotten(name, prefect_api()))
+            return _compat.Slot(name, None)
+        _logger.warning(_messages.lease_lost(name, prefect_api()))
+        return self.slot
 
 
 _keepers: set[_Keeper] = set()

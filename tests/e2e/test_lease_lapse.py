@@ -17,8 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from cm_tasks import _refresh_lease
 from cm_tasks._refresh_lease import prefect_has_leases, try_lease
-from tests.support.prefect_server import PrefectServer, running_prefect_server
+from tests.support.prefect_server import (
+    PrefectServer,
+    restart,
+    running_prefect_server,
+    stop_process_group,
+)
 
 pytestmark = pytest.mark.skipif(
     not prefect_has_leases(), reason="Prefect 3.2-3.3 has no leases: an operator frees the slot"
@@ -71,3 +77,24 @@ def test_a_killed_holders_lease_lapses_long_before_the_bound(
             assert time.monotonic() - killed < BOUND / 2, "the lease did not lapse"
             time.sleep(2)
     print(f"\nkilled holder's lease lapsed after {time.monotonic() - killed:.0f} s")
+
+
+def test_a_holder_whose_server_restarted_gives_its_slot_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server keeps leases in memory: a restart forgot the holder's lease but still counted
+    # its slot, and giving back an unknown lease freed nothing. Every renewal of the block then
+    # waited its whole bound and failed, until an operator ran `prefect gcl update`.
+    # A lease of 5 minutes: a server start on a loaded machine fits within it.
+    monkeypatch.setattr(_refresh_lease, "LEASE_SECONDS", 300.0)
+    block = "restarted-server"
+    with running_prefect_server(tmp_path) as restarting, restarting.using():
+        with try_lease(block, BOUND) as held:
+            assert held
+            stop_process_group(restarting.process)
+            restart(restarting)
+            with try_lease(block, BOUND) as other:
+                assert not other  # the slot is still counted, for nobody
+        with try_lease(block, BOUND) as again:
+            assert again
+    assert "The slot is given back by name" in caplog.text
