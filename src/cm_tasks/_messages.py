@@ -29,6 +29,11 @@ def prefect_failed(what: str, api: str | None, exc: BaseException, status: int |
     )
 
 
+def riding_out(error: str, seconds: float) -> str:
+    """A renewal with nothing cached to serve tries a failed Prefect call again."""
+    return f"{error} No token is cached to serve meanwhile: trying again for up to {seconds:.0f} s."
+
+
 def lease_not_released(name: str, api: str | None, exc: BaseException) -> str:
     """The renewal lease could not be given back."""
     return (

@@ -58,9 +58,11 @@ def call_prefect(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
     except CarbonMapperError:
         raise
     except Exception as exc:
+        status = status_of(exc)
         failure = TokenBlockError(
-            _messages.prefect_failed(what, prefect_api(), exc, status_of(exc)),
+            _messages.prefect_failed(what, prefect_api(), exc, status),
             transient=is_transient(exc),
+            status_code=status,
         )
     raise failure  # outside the except block: the Prefect error is not chained
 

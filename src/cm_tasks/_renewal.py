@@ -14,7 +14,8 @@
   not one per call.
 - One outage rule for every mode: a caller whose cached token has not expired waits at most
   `PATIENCE_SECONDS` and gets that token on any failure but a configuration error. A renewal
-  with no such token reads the block again through a brief Prefect outage instead.
+  with no such token tries its block reads and lease tries again through a brief Prefect
+  outage instead.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Generator
-from contextlib import suppress
+from collections.abc import Callable, Generator
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect.events import emit_event
 
@@ -68,6 +69,7 @@ from cm_tasks.refresh import resolve_request, run_refresh
 from cm_tasks.retry import unprocessed
 from cm_tasks.settings import CarbonMapperSettings, RefreshMode, api_identity, load_settings
 
+T = TypeVar("T")
 FlightKey = tuple[str | None, str, str]  # (Prefect API URL, block name, platform API)
 Route = tuple[str, str, str | None]  # (refresh mode, platform API, refresh deployment)
 
@@ -84,11 +86,11 @@ REFUSED_LOGIN_HOLD_SECONDS = 60.0
 HEAR_FIRST_SECONDS = 2.0
 """A renewal listens up to this long (jittered) for another process's `renewal-started` before
 it asks for the lease: processes that find a token stale together ask one at a time."""
-READ_PATIENCE_SECONDS = 60.0
-"""A renewal with no unexpired token to serve meanwhile reads the block again for this long
-after a transient failure (a busy or restarting Prefect API) before it fails."""
-READ_PAUSE_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0)
-"""Pauses (jittered down to half) between those reads; the last one repeats."""
+RIDE_OUT_SECONDS = 60.0
+"""A renewal with no unexpired token to serve meanwhile starts its block reads and lease tries
+again for this long after a transient Prefect API failure (a busy or restarting server)."""
+RIDE_OUT_PAUSES = (1.0, 2.0, 4.0, 8.0, 15.0)
+"""Pauses (jittered down to half) between those attempts; the last one repeats."""
 EVENT_CLOCK_SLACK = timedelta(seconds=2)
 """An outcome event this much older than a waiter's block read still counts (clock skew)."""
 _ROUNDS = 2  # renewals one call may wait for: one, and one more for a stricter min_valid
@@ -364,7 +366,10 @@ def _renew(call: Call) -> Outcome:
             if outcome is not None:
                 return outcome
             if not _renewing_since(heard, read_at):
-                with try_lease(call.block_name, bound) as held:
+                with ExitStack() as lease:
+                    held = _patiently(
+                        call, lambda: lease.enter_context(try_lease(call.block_name, bound))
+                    )
                     if held:
                         return _failed_meanwhile(call, events, since) or _renew_holding_lease(call)
             if time.monotonic() >= deadline:
@@ -584,23 +589,34 @@ def _hear_first() -> float:
 
 
 def _read(call: Call) -> CarbonMapperStacToken | None:
-    """The block as saved in Prefect; another API's is an error.
+    """The block as saved in Prefect (through a brief outage: `_patiently`)."""
+    return _patiently(call, lambda: _read_once(call))
 
-    Every request is bounded. Where no caller has an unexpired token to fall back on, a
-    transient failure is tried again for up to `READ_PATIENCE_SECONDS` (within the renewal's
-    bound): a Prefect API busy for half a minute no longer fails every task of an ingest
-    flow that is waiting for a token. With such a token, the failure is the outcome at once
-    and its callers are served (one read per outage, not one per pause).
+
+def _patiently(call: Call, attempt: Callable[[], T]) -> T:
+    """attempt(); where no caller has a token to serve, again after transient Prefect failures.
+
+    New attempts start for up to `RIDE_OUT_SECONDS` (at most the renewal's bound), each
+    bounded like every Prefect call of a renewal: a Prefect API busy for half a minute no
+    longer fails every task of an ingest flow waiting for a token. Not after a 429: more
+    requests from a rate-limited Prefect account only prolong the limit. With a token to
+    serve, the failure is the outcome at once and the callers are served (one try per outage).
     """
-    give_up = time.monotonic() + min(READ_PATIENCE_SECONDS, _bound(call))
-    pauses = itertools.chain(READ_PAUSE_SECONDS, itertools.repeat(READ_PAUSE_SECONDS[-1]))
+    give_up = time.monotonic() + min(RIDE_OUT_SECONDS, _bound(call))
+    pauses = itertools.chain(RIDE_OUT_PAUSES, itertools.repeat(RIDE_OUT_PAUSES[-1]))
+    said = False
     while True:
         try:
-            return _read_once(call)
+            return attempt()
         except TokenBlockError as exc:
             pause = next(pauses)
-            if not exc.transient or _servable(call) or time.monotonic() + pause > give_up:
+            again = exc.transient and exc.status_code != 429 and not _servable(call)
+            if not again or time.monotonic() + pause > give_up:
                 raise
+            if not said:  # once per ride-out: the caller is not left wondering
+                said = True
+                left = give_up - time.monotonic()
+                current_logger().warning(_messages.riding_out(str(exc), left))
         time.sleep(random.uniform(pause / 2, pause))  # noqa: S311 - jitter, not a secret
 
 

@@ -46,11 +46,17 @@ class CredentialsBlockError(CarbonMapperError):
 
 
 class TokenBlockError(CarbonMapperError):
-    """The token block is missing, unreadable, or could not be saved."""
+    """The token block is missing, unreadable, or could not be saved.
 
-    def __init__(self, message: str, *, transient: bool = False):
+    Attributes:
+        status_code: the HTTP status the Prefect API answered, when that is what failed
+            (429: the Prefect account is rate-limited); None otherwise.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False, status_code: int | None = None):
         super().__init__(message)
         self.transient = transient
+        self.status_code = status_code
 
 
 class UnusableTokenError(TokenBlockError):

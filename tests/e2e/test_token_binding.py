@@ -320,10 +320,10 @@ async def test_a_prefect_outage_serves_the_cached_token_with_a_warning(
         assert token_cache_info().block_reads - reads == 1  # not tried again for 30 s
         assert emu.requests(CREATE_STAC) == 0
 
-        # Nothing cached, nothing to serve: the read is tried again for READ_PATIENCE_SECONDS
+        # Nothing cached, nothing to serve: the read is tried again for RIDE_OUT_SECONDS
         # (none here), then the error, transient...
         clear_token_cache()
-        monkeypatch.setattr(_renewal, "READ_PATIENCE_SECONDS", 0.0)
+        monkeypatch.setattr(_renewal, "RIDE_OUT_SECONDS", 0.0)
         with pytest.raises(TokenBlockError, match="Could not read the token block") as err:
             get_stac_token()
         assert err.value.transient
@@ -332,7 +332,7 @@ async def test_a_prefect_outage_serves_the_cached_token_with_a_warning(
         # one read timed out 3 times, and all 8 tasks of a fresh ingest process failed). The
         # patience here covers a server start on a loaded machine.
         clear_token_cache()
-        monkeypatch.setattr(_renewal, "READ_PATIENCE_SECONDS", 300.0)
+        monkeypatch.setattr(_renewal, "RIDE_OUT_SECONDS", 300.0)
         reads = token_cache_info().block_reads
         with ThreadPoolExecutor(max_workers=1) as pool:
             fresh = pool.submit(
