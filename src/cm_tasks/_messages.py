@@ -38,8 +38,10 @@ def lease_not_released(name: str, api: str | None, exc: BaseException) -> str:
     """The renewal lease could not be given back."""
     return (
         f"Could not release the renewal lease {name!r} on {_where(api)} "
-        f"({type(exc).__name__}). On Prefect 3.4+ it lapses by itself; on older Prefect free "
-        f"it with `prefect gcl update {name} --active-slots 0`."
+        f"({type(exc).__name__}). On Prefect 3.4+ it lapses by itself, unless the server "
+        "restarted meanwhile (it forgets leases, not their slots). If the slot stays active "
+        "for longer than a renewal can take (CM_REFRESH_TIMEOUT, or 980 s inline by default), "
+        f"nobody holds it: free it with `prefect gcl update {name} --active-slots 0`."
     )
 
 
@@ -56,9 +58,9 @@ def lease_lost(name: str, api: str | None) -> str:
     """The Prefect server no longer knows the lease this process holds."""
     return (
         f"This process's renewal lease {name!r} is no longer known to {_where(api)} (the "
-        "lease lapsed while it was out of reach, or the server restarted). If "
-        f"`prefect gcl inspect {name}` still shows an active slot once this renewal has ended, "
-        f"nobody holds it: free it with `prefect gcl update {name} --active-slots 0`."
+        "lease lapsed while it was out of reach, or the server restarted). If the slot stays "
+        "active for longer than a renewal can take (CM_REFRESH_TIMEOUT, or 980 s inline by "
+        f"default), nobody holds it: free it with `prefect gcl update {name} --active-slots 0`."
     )
 
 

@@ -15,9 +15,8 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
 
@@ -41,6 +40,8 @@ LEASE_SECONDS = _compat.MIN_LEASE_SECONDS
 """How long the lease outlives its holder (Prefect 3.4+; the server frees it within 15 s more)."""
 KEEP_ALIVE_SECONDS = LEASE_SECONDS / 3
 """How often a living holder renews its lease: two renewals may fail before it lapses."""
+KEEP_ALIVE_RETRY_SECONDS = 5.0
+"""How soon a holder tries again after a renewal of its lease failed (the server is away)."""
 KEEPER_JOIN_SECONDS = 5.0
 """Longest wait, on release, for a lease renewal in flight."""
 
@@ -97,8 +98,7 @@ def try_lease(block_name: str, duration: float) -> Iterator[bool]:
     finally:
         if keeper is not None:
             keeper.stop()
-            slot = keeper.slot_to_release()
-        _release(slot, api, since)
+        _release(slot, api, since, keeper)
 
 
 class _Keeper:
@@ -115,6 +115,7 @@ class _Keeper:
         # found it gone: the server cannot have let it lapse within LEASE_SECONDS of the first.
         self.confirmed = confirmed
         self.lost_at: float | None = None
+        self.said = False  # the loss was said (once, though the release may be tried again)
         self.released = threading.Event()
         context = contextvars.copy_context()  # the holder's Prefect settings
         self.thread = threading.Thread(
@@ -133,52 +134,55 @@ class _Keeper:
             _keepers.discard(self)
 
     def _run(self) -> None:
-        name = self.slot.name
         next_at = time.monotonic() + KEEP_ALIVE_SECONDS
         with (
-            bounded_calls(f"renew the renewal lease {name!r}") as call,
+            bounded_calls(f"renew the renewal lease {self.slot.name!r}"),
             get_client(sync_client=True) as client,
         ):
             while not self.released.wait(max(next_at - time.monotonic(), 0.0)):
                 if time.monotonic() >= self.until:
                     return
-                next_at += KEEP_ALIVE_SECONDS
-                with suppress(Exception):  # the next attempt may work before the lease lapses
-                    if not self._renew(call, client):
+                try:
+                    if not self._renew(client):
                         return
+                    next_at += KEEP_ALIVE_SECONDS
+                except Exception as exc:  # the next attempt may work before the lease lapses
+                    _logger.debug("%s", exc)
+                    # Soon: a server that restarted meanwhile is then found out while its
+                    # loss is still known to be a restart (see `slot_to_release`).
+                    next_at = time.monotonic() + KEEP_ALIVE_RETRY_SECONDS
 
-    def _renew(self, call: Callable[..., Any], client: SyncPrefectClient) -> bool:
+    def _renew(self, client: SyncPrefectClient) -> bool:
         """Renew the lease once; False (and `lost_at` set) if the server no longer knows it."""
         started = time.monotonic()
-        if call(_compat.renew_slot, client, self.slot, LEASE_SECONDS):
+        if _compat.renew_slot(client, self.slot, LEASE_SECONDS):
             self.confirmed = started
             return True
         self.lost_at = time.monotonic()
         return False
 
-    def slot_to_release(self) -> _compat.Slot:
+    def slot_to_release(self, client: SyncPrefectClient) -> _compat.Slot:
         """The slot to give back, once renewals have stopped: by name if the server restarted.
 
         Leases live in the server's memory: one that restarts forgets them, but keeps counting
         their slots, and giving back an unknown lease frees nothing. So the holder asks once
-        more; a lease unknown within LEASE_SECONDS of its last renewal cannot have lapsed, and
-        its slot, still counted, is this holder's to give back by name (else it is held for
-        ever). Later than that, the server may have freed it already, for another to take.
+        more (on the client of the release: one request more); a lease unknown within
+        LEASE_SECONDS of its last renewal cannot have lapsed, and its slot, still counted, is
+        this holder's to give back by name (else it is held for ever). Later than that, the
+        server may have freed it already, for another to take. Raises what the request raised.
         """
         name = self.slot.name
-        if self.lost_at is None:
-            with (
-                suppress(Exception),  # unanswered: the lease lapses by itself (3.4+)
-                bounded_calls(f"renew the renewal lease {name!r}") as call,
-                get_client(sync_client=True) as client,
-            ):
-                self._renew(call, client)
-        if self.lost_at is None:
+        if self.lost_at is None and self._renew(client):
             return self.slot
+        assert self.lost_at is not None
         if self.lost_at - self.confirmed < LEASE_SECONDS:
-            _logger.warning(_messages.lease_forgotten(name, prefect_api()))
+            if not self.said:
+                _logger.warning(_messages.lease_forgotten(name, prefect_api()))
+            self.said = True
             return _compat.Slot(name, None)
-        _logger.warning(_messages.lease_lost(name, prefect_api()))
+        if not self.said:
+            _logger.warning(_messages.lease_lost(name, prefect_api()))
+        self.said = True
         return self.slot
 
 
@@ -201,12 +205,22 @@ def _take(name: str, api: str | None, duration: float) -> _compat.Slot | None:
         return _compat.take_slot(client, api, name, duration)
 
 
-def _release(slot: _compat.Slot, api: str | None, since: float) -> None:
-    """Give the slot back, trying again after transient errors; warn (never fail) if not."""
+def _release(
+    slot: _compat.Slot, api: str | None, since: float, keeper: _Keeper | None = None
+) -> None:
+    """Give the slot back, trying again after transient errors; warn (never fail) if not.
+
+    With a keeper (a lease), each attempt first asks whether the server still knows the
+    lease (`_Keeper.slot_to_release`), on the same client.
+    """
     for wait in (*RELEASE_WAITS, None):
         try:
-            with get_client(sync_client=True) as client:
-                _compat.release_slot(client, slot, time.monotonic() - since)
+            with (
+                bounded_calls(f"release the renewal lease {slot.name!r}"),
+                get_client(sync_client=True) as client,
+            ):
+                given = keeper.slot_to_release(client) if keeper is not None else slot
+                _compat.release_slot(client, given, time.monotonic() - since)
             return
         except Exception as exc:
             if wait is None:
