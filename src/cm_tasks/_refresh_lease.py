@@ -135,8 +135,9 @@ class _Keeper:
 
     def _run(self) -> None:
         next_at = time.monotonic() + KEEP_ALIVE_SECONDS
+        name = self.slot.name
         with (
-            bounded_calls(f"renew the renewal lease {self.slot.name!r}"),
+            bounded_calls(f"renew the renewal lease {name!r}"),
             get_client(sync_client=True) as client,
         ):
             while not self.released.wait(max(next_at - time.monotonic(), 0.0)):
@@ -147,7 +148,8 @@ class _Keeper:
                         return
                     next_at += KEEP_ALIVE_SECONDS
                 except Exception as exc:  # the next attempt may work before the lease lapses
-                    _logger.debug("%s", exc)
+                    # Its type only: a Prefect error's text carries its request and response.
+                    _logger.debug("Renewing the lease %r failed (%s).", name, type(exc).__name__)
                     # Soon: a server that restarted meanwhile is then found out while its
                     # loss is still known to be a restart (see `slot_to_release`).
                     next_at = time.monotonic() + KEEP_ALIVE_RETRY_SECONDS
@@ -213,6 +215,7 @@ def _release(
     With a keeper (a lease), each attempt first asks whether the server still knows the
     lease (`_Keeper.slot_to_release`), on the same client.
     """
+    given = slot
     for wait in (*RELEASE_WAITS, None):
         try:
             with (
@@ -223,7 +226,10 @@ def _release(
                 _compat.release_slot(client, given, time.monotonic() - since)
             return
         except Exception as exc:
-            if wait is None:
+            # A decrement by name that may have been applied is not sent again (after a
+            # restart, with leases): a second one could free another holder's slot.
+            by_name_after_restart = keeper is not None and given.lease_id is None
+            if wait is None or by_name_after_restart:
                 _logger.warning(_messages.lease_not_released(slot.name, api, exc))
                 return
             time.sleep(wait)

@@ -138,3 +138,28 @@ def test_a_server_still_down_at_release_is_asked_again_before_the_slot_is_given_
     assert lease["released_slot"] == _compat.Slot("cm-tasks-refresh-block", None)
     said = [r.getMessage() for r in caplog.records if "given back by name" in r.getMessage()]
     assert len(said) == 1
+
+
+def test_a_release_by_name_after_a_restart_is_not_sent_twice(
+    lease: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review: a by-name decrement whose answer was lost, sent again, freed the slot another
+    # process had taken meanwhile (two holders).
+    import httpx
+
+    lease["known"] = False
+    sent: list[_compat.Slot] = []
+
+    def release_lost(_client: object, slot: _compat.Slot, _held: float) -> None:
+        sent.append(slot)
+        raise httpx.ReadTimeout("answer lost")
+
+    monkeypatch.setattr(_compat, "release_slot", release_lost)
+    monkeypatch.setattr(_refresh_lease, "RELEASE_WAITS", (0.0, 0.0))
+    with try_lease("block", 980.0) as held:
+        assert held
+        for keeper in _keepers():
+            keeper.join(10)
+
+    assert sent == [_compat.Slot("cm-tasks-refresh-block", None)]
+    assert "Could not release the renewal lease" in caplog.text
