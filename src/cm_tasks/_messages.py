@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 from cm_tasks.settings import api_identity
 
@@ -17,7 +18,16 @@ if TYPE_CHECKING:
 
 
 def _where(api: str | None) -> str:
-    return f"the Prefect API at {api}" if api else "the local Prefect API (no PREFECT_API_URL)"
+    if not api:
+        return "the local Prefect API (no PREFECT_API_URL)"
+    # Never a user:password written into the URL (a message may reach a log).
+    parts = urlsplit(api)
+    if parts.username is not None or parts.password is not None:
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        netloc = f"{host}:{parts.port}" if parts.port is not None else host
+        api = urlunsplit(parts._replace(netloc=netloc))
+    return f"the Prefect API at {api}"
 
 
 def prefect_failed(what: str, api: str | None, exc: BaseException, status: int | None) -> str:
