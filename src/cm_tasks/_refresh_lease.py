@@ -134,8 +134,8 @@ class _Keeper:
             _keepers.discard(self)
 
     def _run(self) -> None:
-        next_at = time.monotonic() + KEEP_ALIVE_SECONDS
         name = self.slot.name
+        next_at = time.monotonic() + KEEP_ALIVE_SECONDS
         with (
             bounded_calls(f"renew the renewal lease {name!r}"),
             get_client(sync_client=True) as client,
@@ -173,19 +173,15 @@ class _Keeper:
         this holder's to give back by name (else it is held for ever). Later than that, the
         server may have freed it already, for another to take. Raises what the request raised.
         """
-        name = self.slot.name
         if self.lost_at is None and self._renew(client):
             return self.slot
         assert self.lost_at is not None
-        if self.lost_at - self.confirmed < LEASE_SECONDS:
-            if not self.said:
-                _logger.warning(_messages.lease_forgotten(name, prefect_api()))
-            self.said = True
-            return _compat.Slot(name, None)
+        forgotten = self.lost_at - self.confirmed < LEASE_SECONDS
         if not self.said:
-            _logger.warning(_messages.lease_lost(name, prefect_api()))
-        self.said = True
-        return self.slot
+            said = _messages.lease_forgotten if forgotten else _messages.lease_lost
+            _logger.warning(said(self.slot.name, prefect_api()))
+            self.said = True
+        return _compat.Slot(self.slot.name, None) if forgotten else self.slot
 
 
 _keepers: set[_Keeper] = set()
