@@ -367,15 +367,38 @@ def _renew(call: Call) -> Outcome:
                 return outcome
             if not _renewing_since(heard, read_at):
                 with ExitStack() as lease:
-                    held = _patiently(
-                        call, lambda: lease.enter_context(try_lease(call.block_name, bound))
-                    )
+                    held, news = _ask_for_lease(call, lease, events, bound)
                     if held:
                         return _failed_meanwhile(call, events, since) or _renew_holding_lease(call)
+                if news is not None:  # heard between two tries: it may be the answer
+                    heard, asked = news, True
+                    continue
             if time.monotonic() >= deadline:
                 late = _messages.waited_too_long(call.block_name, bound)
                 return Outcome(error=TokenBlockError(late, transient=True))
             heard, asked = events.next(fallback_wait(deadline)), True
+
+
+def _ask_for_lease(
+    call: Call, lease: ExitStack, events: Listener, bound: float
+) -> tuple[bool, Heard | None]:
+    """Whether the block's lease was taken (into lease); else what the stream said meanwhile.
+
+    Through a busy Prefect API the tries are `_patiently`'s, and the renewal listens between
+    them: an outcome heard there ends the asking (review: a `refreshed` heard during the
+    pauses was ignored, and the token came at 30 s instead of 2 s).
+    """
+    news: list[Heard] = []
+
+    def ask() -> bool:
+        return not news and lease.enter_context(try_lease(call.block_name, bound))
+
+    def listen(seconds: float) -> None:
+        if (heard := events.next(seconds)) is not None:
+            news.append(heard)
+
+    held = _patiently(call, ask, pause=listen)
+    return held, (news[0] if news else None)
 
 
 def _renewing_since(heard: Heard | None, read_at: datetime) -> bool:
@@ -593,7 +616,9 @@ def _read(call: Call) -> CarbonMapperStacToken | None:
     return _patiently(call, lambda: _read_once(call))
 
 
-def _patiently(call: Call, attempt: Callable[[], T]) -> T:
+def _patiently(
+    call: Call, attempt: Callable[[], T], pause: Callable[[float], object] | None = None
+) -> T:
     """attempt(); where no caller has a token to serve, again after transient Prefect failures.
 
     New attempts start for up to `RIDE_OUT_SECONDS` (at most the renewal's bound), each
@@ -601,6 +626,7 @@ def _patiently(call: Call, attempt: Callable[[], T]) -> T:
     longer fails every task of an ingest flow waiting for a token. Not after a 429: more
     requests from a rate-limited Prefect account only prolong the limit. With a token to
     serve, the failure is the outcome at once and the callers are served (one try per outage).
+    pause waits between two attempts (default: `time.sleep`).
     """
     give_up = time.monotonic() + min(RIDE_OUT_SECONDS, _bound(call))
     pauses = itertools.chain(RIDE_OUT_PAUSES, itertools.repeat(RIDE_OUT_PAUSES[-1]))
@@ -609,15 +635,15 @@ def _patiently(call: Call, attempt: Callable[[], T]) -> T:
         try:
             return attempt()
         except TokenBlockError as exc:
-            pause = next(pauses)
+            wait = next(pauses)
             again = exc.transient and exc.status_code != 429 and not _servable(call)
-            if not again or time.monotonic() + pause > give_up:
+            if not again or time.monotonic() + wait > give_up:
                 raise
             if not said:  # once per ride-out: the caller is not left wondering
                 said = True
                 left = give_up - time.monotonic()
                 current_logger().warning(_messages.riding_out(str(exc), left))
-        time.sleep(random.uniform(pause / 2, pause))  # noqa: S311 - jitter, not a secret
+        (pause or time.sleep)(random.uniform(wait / 2, wait))  # noqa: S311 - jitter, not a secret
 
 
 def _servable(call: Call) -> bool:
