@@ -8,7 +8,7 @@ never the Prefect error itself (which can carry a request).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -79,6 +79,15 @@ def bounded_calls(what: str) -> Iterator[Callable[..., Any]]:
         _no_run_client(),
     ):
         yield lambda fn, *args, **kwargs: call_prefect(what, fn, *args, **kwargs)
+
+
+def sent_once() -> AbstractContextManager[object]:
+    """Inside, Prefect's client sends each request once: it does not retry it itself.
+
+    For a request that must not be applied twice (a decrement by name): one whose answer was
+    lost may have been applied already.
+    """
+    return temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
 
 
 @contextmanager

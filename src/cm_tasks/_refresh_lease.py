@@ -16,14 +16,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
 
 from cm_tasks import _compat, _messages
 from cm_tasks._compat import prefect_has_leases
 from cm_tasks._lease_limit import lease_name
-from cm_tasks._prefect_calls import bounded_calls, prefect_api
+from cm_tasks._prefect_calls import bounded_calls, prefect_api, sent_once
 from cm_tasks.retry import RetryPolicy
 from cm_tasks.settings import CarbonMapperSettings
 
@@ -211,7 +211,10 @@ def _release(
     With a keeper (a lease), each attempt first asks whether the server still knows the
     lease (`_Keeper.slot_to_release`), on the same client.
     """
-    given = slot
+    # A decrement by name (after a restart, with leases) is sent once, by this loop and by
+    # Prefect's client: one whose answer was lost may have been applied, and a second could
+    # free the slot another holder has taken since (two renewals at once).
+    once = False
     for wait in (*RELEASE_WAITS, None):
         try:
             with (
@@ -219,13 +222,12 @@ def _release(
                 get_client(sync_client=True) as client,
             ):
                 given = keeper.slot_to_release(client) if keeper is not None else slot
-                _compat.release_slot(client, given, time.monotonic() - since)
+                once = keeper is not None and given.lease_id is None
+                with sent_once() if once else nullcontext():
+                    _compat.release_slot(client, given, time.monotonic() - since)
             return
         except Exception as exc:
-            # A decrement by name that may have been applied is not sent again (after a
-            # restart, with leases): a second one could free another holder's slot.
-            by_name_after_restart = keeper is not None and given.lease_id is None
-            if wait is None or by_name_after_restart:
+            if wait is None or once:
                 _logger.warning(_messages.lease_not_released(slot.name, api, exc))
                 return
             time.sleep(wait)

@@ -146,12 +146,15 @@ def test_a_release_by_name_after_a_restart_is_not_sent_twice(
     # Review: a by-name decrement whose answer was lost, sent again, freed the slot another
     # process had taken meanwhile (two holders).
     import httpx
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
     lease["known"] = False
     sent: list[_compat.Slot] = []
+    client_retries: list[int] = []
 
     def release_lost(_client: object, slot: _compat.Slot, _held: float) -> None:
         sent.append(slot)
+        client_retries.append(PREFECT_CLIENT_MAX_RETRIES.value())
         raise httpx.ReadTimeout("answer lost")
 
     monkeypatch.setattr(_compat, "release_slot", release_lost)
@@ -162,4 +165,24 @@ def test_a_release_by_name_after_a_restart_is_not_sent_twice(
             keeper.join(10)
 
     assert sent == [_compat.Slot("cm-tasks-refresh-block", None)]
+    # Nor by Prefect's client, which would retry a lost answer by itself (review lead).
+    assert client_retries == [0]
     assert "Could not release the renewal lease" in caplog.text
+
+
+def test_a_release_by_lease_keeps_its_retries(
+    lease: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Giving back a lease twice frees nothing more: Prefect's client may try it again.
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
+
+    client_retries: list[int] = []
+
+    def release(_client: object, slot: _compat.Slot, _held: float) -> None:
+        client_retries.append(PREFECT_CLIENT_MAX_RETRIES.value())
+
+    monkeypatch.setattr(_compat, "release_slot", release)
+    with try_lease("block", 980.0) as held:
+        assert held
+
+    assert client_retries == [2]
