@@ -32,9 +32,11 @@ def prefect_api() -> Iterator[None]:
     """A real Prefect API (temporary SQLite database), started once per test process."""
     from prefect.testing.utilities import prefect_test_harness
 
-    # Usually 10-20 s, but a fresh database runs every migration (slower on old Prefect) and a
-    # shared 2-core machine can take minutes: a time-out here errors every test at once.
-    with prefect_test_harness(server_startup_timeout=240):
+    from tests.support.prefect_server import migrated_harness_database
+
+    # Usually 5-10 s, but a shared 2-core machine can take minutes: a time-out here errors
+    # every test at once.
+    with migrated_harness_database(), prefect_test_harness(server_startup_timeout=240):
         yield
 
 

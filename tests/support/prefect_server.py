@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 240.0  # a fresh database runs every migration; slow on a loaded machine
@@ -100,6 +101,29 @@ def seed_migrated_database(home: Path, executable: str | None = None) -> None:
     target = home / "prefect.db"
     if not target.exists():
         shutil.copyfile(_migrated_database(executable or prefect_executable()), target)
+
+
+@contextlib.contextmanager
+def migrated_harness_database() -> Iterator[None]:
+    """`prefect_test_harness` entered meanwhile starts from a migrated database.
+
+    The harness makes its database in a new temporary directory and migrates it as its server
+    starts: about 3 s of CPU in each test process. Its `mkdtemp` is given that directory with
+    the migrated database already in it (the harness's file name, `prefect-test.db`).
+    """
+    from prefect.testing import utilities
+
+    database = _migrated_database(prefect_executable())
+    fresh = utilities.mkdtemp
+
+    def seeded() -> str:
+        directory = fresh()
+        shutil.copyfile(database, Path(directory) / "prefect-test.db")
+        return directory
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utilities, "mkdtemp", seeded)
+        yield
 
 
 def _migrated_database(executable: str) -> Path:
