@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from cm_tasks.blocks import CarbonMapperStacToken
 
 
-def _where(api: str | None) -> str:
+def prefect_api_at(api: str | None) -> str:
+    """Where a Prefect API is, for a message: its URL without any user:password in it."""
     if not api:
         return "the local Prefect API (no PREFECT_API_URL)"
     # Never a user:password written into the URL (a message may reach a log).
@@ -34,7 +35,7 @@ def prefect_failed(what: str, api: str | None, exc: BaseException, status: int |
     """A Prefect API call of the renewal failed."""
     code = f" {status}" if status else ""
     return (
-        f"Could not {what} ({type(exc).__name__}{code} from {_where(api)}). Check that the "
+        f"Could not {what} ({type(exc).__name__}{code} from {prefect_api_at(api)}). Check that the "
         "Prefect API is reachable (PREFECT_API_URL) and that this identity may use it."
     )
 
@@ -47,7 +48,7 @@ def riding_out(error: str, seconds: float) -> str:
 def lease_not_released(name: str, api: str | None, exc: BaseException) -> str:
     """The renewal lease could not be given back."""
     return (
-        f"Could not release the renewal lease {name!r} on {_where(api)} "
+        f"Could not release the renewal lease {name!r} on {prefect_api_at(api)} "
         f"({type(exc).__name__}). On Prefect 3.4+ it lapses by itself, unless the server "
         "restarted meanwhile (it forgets leases, not their slots). If the slot stays active "
         "for longer than a renewal can take (CM_REFRESH_TIMEOUT, or 980 s inline by default), "
@@ -58,16 +59,17 @@ def lease_not_released(name: str, api: str | None, exc: BaseException) -> str:
 def lease_forgotten(name: str, api: str | None) -> str:
     """The Prefect server restarted while this process held the lease: freed by name."""
     return (
-        f"This process's renewal lease {name!r} is no longer known to {_where(api)}, although "
-        "it could not have lapsed yet: the server restarted (it keeps leases in memory) and "
-        "still counts the slot. The slot is given back by name, so that it is not held for ever."
+        f"This process's renewal lease {name!r} is no longer known to {prefect_api_at(api)}, "
+        "although it could not have lapsed yet: the server restarted (it keeps leases in "
+        "memory) and still counts the slot. The slot is given back by name, so that it is not "
+        "held for ever."
     )
 
 
 def lease_lost(name: str, api: str | None) -> str:
     """The Prefect server no longer knows the lease this process holds."""
     return (
-        f"This process's renewal lease {name!r} is no longer known to {_where(api)} (the "
+        f"This process's renewal lease {name!r} is no longer known to {prefect_api_at(api)} (the "
         "lease lapsed while it was out of reach, or the server restarted). If the slot stays "
         "active for longer than a renewal can take (CM_REFRESH_TIMEOUT, or 980 s inline by "
         f"default), nobody holds it: free it with `prefect gcl update {name} --active-slots 0`."

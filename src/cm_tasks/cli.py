@@ -35,7 +35,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cm_tasks import deployments
+from cm_tasks import _messages, deployments
 from cm_tasks._version import __version__
 from cm_tasks.errors import CarbonMapperError, ConfigurationError
 from cm_tasks.notify import days_left
@@ -175,8 +175,7 @@ def _no_api_configured() -> str | None:
 def _api_location() -> str:
     from prefect.settings import get_current_settings
 
-    url = get_current_settings().api.url
-    return f"the Prefect API at {url}" if url else "Prefect's local database (no PREFECT_API_URL)"
+    return _messages.prefect_api_at(get_current_settings().api.url)
 
 
 def _prefect_error(exc: Exception) -> str:

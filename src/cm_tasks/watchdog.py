@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel, ConfigDict, Field
 
+from cm_tasks import _messages
 from cm_tasks.blocks import load_token_block
 from cm_tasks.errors import (
     CarbonMapperError,
@@ -253,9 +254,9 @@ def _confirm_not_found(block_name: str) -> None:
         if isinstance(unhealthy, ValueError)
         else f"{type(unhealthy).__name__}{f' {status}' if status else ''} on /health"
     )
-    url = get_current_settings().api.url or "Prefect's local API"
+    where = _messages.prefect_api_at(get_current_settings().api.url)
     raise TokenBlockError(
-        f"Could not check the token block {block_name!r}: {url} answered that it does not "
+        f"Could not check the token block {block_name!r}: {where} answered that it does not "
         f"exist, but does not answer as a Prefect API ({what}). Check "
         "PREFECT_API_URL: it ends in /api, e.g. http://127.0.0.1:4200/api.",
         transient=True,
