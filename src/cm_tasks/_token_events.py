@@ -8,9 +8,10 @@ again. The process that takes a block's renewal lease announces
 `carbon-mapper.stac-token.renewal-started`, so that a process that hears it does not ask for
 the lease at all. The stream sends the last minute of matching events on connect, so an
 outcome that came before the socket opened is not missed, except one sent in the second or so
-before (the server stores events shortly after it receives them). Where the stream cannot be
-opened (no `PREFECT_API_URL`, a proxy without websockets) `live` is False and the waiter falls
-back to slow, jittered reads (`fallback_wait`).
+before (the server stores events shortly after it receives them). A stream that breaks is
+opened again a few times (`REOPEN_PAUSES`); where it cannot be opened at all (no
+`PREFECT_API_URL`, a proxy without websockets) `live` is False and the waiter falls back to
+slow, jittered reads (`fallback_wait`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
@@ -37,6 +39,9 @@ RENEWAL_STARTED_EVENT = "carbon-mapper.stac-token.renewal-started"
 """Emitted by the process that holds a block's renewal lease, before it renews the token."""
 FALLBACK_SECONDS = (30.0, 60.0)
 """A waiter that hears nothing reads once somewhere in this range (jittered)."""
+REOPEN_PAUSES = (1.0, 2.0, 4.0, 8.0, 15.0)
+"""Pauses (jittered down to half) before a broken stream is opened again: at most this many
+times while one `Listener` lasts, then the waiter falls back to its reads."""
 
 
 def fallback_wait(deadline: float) -> float:
@@ -84,6 +89,7 @@ class Listener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._ids: set[UUID] = set()
         self.live = False
 
     def __enter__(self) -> Listener:
@@ -120,20 +126,42 @@ class Listener:
     async def _listen(self) -> None:
         self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
         try:
-            async with get_events_subscriber(filter=self._filter, reconnection_attempts=2) as sub:
-                self.live = not self._closed  # closed while connecting: leave at once
-                self._ready.set()
-                if self._closed:
+            # A stream that opened and then broke (a burst of 503s from a busy server ends
+            # Prefect's own reconnects at once) is opened again a few times, a little later
+            # each time; one that never opened (no websockets on the way) is not.
+            opened = await self._hear()
+            for pause in REOPEN_PAUSES:
+                if not opened or self._closed:
                     return
-                async for event in sub:
-                    if self._old(event.event, event.occurred):
-                        continue
-                    self._heard.put(Heard(event.event, event.occurred, dict(event.payload)))
+                await asyncio.sleep(random.uniform(pause / 2, pause))  # noqa: S311 - jitter
+                await self._hear()
         except BaseException:  # noqa: S110 - the waiter falls back to reads; nothing to report
             pass
         finally:
+            self.live = False
             self._heard.put(None)
             self._ready.set()
+
+    async def _hear(self) -> bool:
+        """Hear the stream until it breaks (or the listener closes); whether it opened."""
+        opened = False
+        try:
+            async with get_events_subscriber(filter=self._filter, reconnection_attempts=2) as sub:
+                opened = True
+                self.live = not self._closed  # closed while connecting: leave at once
+                self._ready.set()
+                if self._closed:
+                    return opened
+                async for event in sub:
+                    # A stream opened again replays the last minute: each event is heard once.
+                    if self._old(event.event, event.occurred) or event.id in self._ids:
+                        continue
+                    self._ids.add(event.id)
+                    self._heard.put(Heard(event.event, event.occurred, dict(event.payload)))
+        except Exception:  # noqa: S110 - broken, or never opened: `_listen` decides
+            pass
+        self.live = False
+        return opened
 
     def _old(self, name: str, occurred: datetime) -> bool:
         return self._since is not None and occurred < self._since and name not in self._keep_older
