@@ -18,7 +18,7 @@ from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
 
 MIN_LEASE_SECONDS = 60.0
 MAX_LEASE_SECONDS = 86400.0
-"""The lease durations a Prefect server accepts (3.4+)."""
+"""The lease durations a Prefect server accepts (3.4.10+)."""
 
 _no_leases: set[str | None] = set()  # Prefect APIs found to lack leases (a 3.2 server)
 
@@ -26,7 +26,8 @@ _no_leases: set[str | None] = set()  # Prefect APIs found to lack leases (a 3.2 
 def prefect_has_leases() -> bool:
     """Whether the installed Prefect client has concurrency leases.
 
-    Prefect 3.2-3.3: no. Without them a slot is held until released, so a holder killed while
+    Prefect 3.2 to 3.4.9: no (`concurrency()` takes `lease_duration` from 3.4.10). Without
+    them a slot is held until released, so a holder killed while
     holding it keeps it until an operator frees it (`prefect gcl update NAME --active-slots 0`).
     """
     return "lease_duration" in inspect.signature(concurrency).parameters
@@ -68,14 +69,15 @@ def _increment(
                 names=[name], slots=1, mode="concurrency", lease_duration=duration
             )
         except PrefectHTTPStatusError as exc:
-            # Prefect 3.2-3.3 server under a 3.4+ client: 405 (or 404) on the lease endpoint.
+            # A server without leases (before 3.4.10) under a client with them: 405 (or 404)
+            # on the lease endpoint.
             if exc.response.status_code not in (404, 405):
                 raise
             _no_leases.add(api)
         else:
             data = response.json()
             return bool(data.get("limits")), data.get("lease_id")
-    # Prefect 3.2-3.3: a plain slot, held until released.
+    # Before Prefect 3.4.10: a plain slot, held until released.
     response = client.increment_concurrency_slots(names=[name], slots=1, mode="concurrency")
     return bool(response.json()), None
 
@@ -94,7 +96,7 @@ def create_limit(client: SyncPrefectClient, name: str) -> None:
 def renew_slot(client: SyncPrefectClient, slot: Slot, duration: float) -> bool:
     """Make a slot's lease last duration seconds more; False if the server lost the lease.
 
-    Prefect 3.4+ answers 410 (or 404) for a lease it does not know: it lapsed, or the server
+    Prefect 3.4.10+ answers 410 (or 404) for a lease it does not know: it lapsed, or the server
     restarted (the default lease storage is in memory). Without leases: nothing to renew.
     """
     if slot.lease_id is None:
@@ -109,7 +111,7 @@ def renew_slot(client: SyncPrefectClient, slot: Slot, duration: float) -> bool:
 
 
 def release_slot(client: SyncPrefectClient, slot: Slot, held_seconds: float) -> None:
-    """Give the slot back (by its lease, or, on Prefect 3.2-3.3, by name)."""
+    """Give the slot back (by its lease, or, before Prefect 3.4.10, by name)."""
     if slot.lease_id is not None:
         client.release_concurrency_slots_with_lease(slot.lease_id)
     else:

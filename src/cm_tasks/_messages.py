@@ -49,7 +49,7 @@ def lease_not_released(name: str, api: str | None, exc: BaseException) -> str:
     """The renewal lease could not be given back."""
     return (
         f"Could not release the renewal lease {name!r} on {prefect_api_at(api)} "
-        f"({type(exc).__name__}). On Prefect 3.4+ it lapses by itself, unless the server "
+        f"({type(exc).__name__}). On Prefect 3.4.10+ it lapses by itself, unless the server "
         "restarted meanwhile (it forgets leases, not their slots). If the slot stays active "
         "for longer than a renewal can take (CM_REFRESH_TIMEOUT, or 980 s inline by default), "
         f"nobody holds it: free it with `prefect gcl update {name} --active-slots 0`."
@@ -153,8 +153,8 @@ def waited_too_long(block_name: str, bound: float) -> str:
     """Another process held the renewal lease for the whole bound."""
     return (
         f"Waited {bound:.0f} s for another process's renewal of block {block_name!r} without "
-        "its outcome. Look for a hung process or refresh run; on Prefect before 3.4 a killed "
-        "holder keeps the lease (on 3.4+, one that died while the server restarted): "
+        "its outcome. Look for a hung process or refresh run; on Prefect before 3.4.10 a "
+        "killed holder keeps the lease (on 3.4.10+, one that died while the server restarted): "
         f"`prefect gcl update cm-tasks-refresh-{block_name} --active-slots 0`."
     )
 

@@ -2,10 +2,10 @@
 
 A Prefect global concurrency limit of 1 per block, `cm-tasks-refresh-<block>`, taken on the
 current Prefect API. It is tried once, never polled: a process that finds it held hears the
-holder's outcome on the events stream (`cm_tasks._token_events`). On Prefect 3.4+ the lease is
+holder's outcome on the events stream (`cm_tasks._token_events`). On Prefect 3.4.10+ the lease is
 short (`LEASE_SECONDS`) and renewed while its holder lives, up to the refresh's time bound: a
 holder that died frees it within about a minute, not at the end of the bound. See
-`cm_tasks._compat` for what differs without leases (Prefect 3.2-3.3).
+`cm_tasks._compat` for what differs without leases (Prefect before 3.4.10).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ CONNECT_SECONDS = 10.0
 RELEASE_WAITS = (0.5, 1.0, 2.0, 4.0)
 """Pauses between attempts to give the slot back after a transient Prefect API error."""
 LEASE_SECONDS = _compat.MIN_LEASE_SECONDS
-"""How long the lease outlives its holder (Prefect 3.4+; the server frees it within 15 s more)."""
+"""How long the lease outlives its holder (Prefect 3.4.10+; the server frees it within 15 s
+more)."""
 KEEP_ALIVE_SECONDS = LEASE_SECONDS / 3
 """How often a living holder renews its lease: two renewals may fail before it lapses."""
 KEEP_ALIVE_RETRY_SECONDS = 5.0
@@ -78,7 +79,7 @@ def try_lease(block_name: str, duration: float) -> Iterator[bool]:
     Args:
         block_name: the token block to renew.
         duration: the longest a holder keeps the lease (the renewal's time bound); one that
-            died loses it after `LEASE_SECONDS` (Prefect 3.4+).
+            died loses it after `LEASE_SECONDS` (Prefect 3.4.10+).
 
     Raises:
         TokenBlockError: the Prefect API could not be reached or refused (transient when
