@@ -358,6 +358,7 @@ def _renew(call: Call) -> Outcome:
     deadline = time.monotonic() + bound
     resource = token_resource(call.block_name)["prefect.resource.id"]
     failed = frozenset({RENEWAL_FAILED_EVENT})  # its cool-down may outlast the replay
+    ride_out = _RideOut(call)  # one for the lease tries of this renewal, however many
     with Listener(resource, since=since, keep_older=failed) as events:
         heard = events.next(_hear_first()) if events.live else None
         asked = False
@@ -365,22 +366,21 @@ def _renew(call: Call) -> Outcome:
             outcome = _their_outcome(call, heard, since, asked)
             if outcome is not None:
                 return outcome
+            news = None
             if not _renewing_since(heard, read_at):
                 with ExitStack() as lease:
-                    held, news = _ask_for_lease(call, lease, events, bound)
+                    held, news = _ask_for_lease(call, lease, events, bound, ride_out)
                     if held:
                         return _failed_meanwhile(call, events, since) or _renew_holding_lease(call)
-                if news is not None:  # heard between two tries: it may be the answer
-                    heard, asked = news, True
-                    continue
             if time.monotonic() >= deadline:
                 late = _messages.waited_too_long(call.block_name, bound)
                 return Outcome(error=TokenBlockError(late, transient=True))
-            heard, asked = events.next(fallback_wait(deadline)), True
+            # Something heard between two lease tries may be the answer: no wait for more.
+            heard, asked = news or events.next(fallback_wait(deadline)), True
 
 
 def _ask_for_lease(
-    call: Call, lease: ExitStack, events: Listener, bound: float
+    call: Call, lease: ExitStack, events: Listener, bound: float, ride_out: _RideOut
 ) -> tuple[bool, Heard | None]:
     """Whether the block's lease was taken (into lease); else what the stream said meanwhile.
 
@@ -397,7 +397,7 @@ def _ask_for_lease(
         if (heard := events.next(seconds)) is not None:
             news.append(heard)
 
-    held = _patiently(call, ask, pause=listen)
+    held = _patiently(call, ask, pause=listen, ride_out=ride_out)
     return held, (news[0] if news else None)
 
 
@@ -617,7 +617,10 @@ def _read(call: Call) -> CarbonMapperStacToken | None:
 
 
 def _patiently(
-    call: Call, attempt: Callable[[], T], pause: Callable[[float], object] | None = None
+    call: Call,
+    attempt: Callable[[], T],
+    pause: Callable[[float], object] | None = None,
+    ride_out: _RideOut | None = None,
 ) -> T:
     """attempt(); where no caller has a token to serve, again after transient Prefect failures.
 
@@ -626,24 +629,38 @@ def _patiently(
     longer fails every task of an ingest flow waiting for a token. Not after a 429: more
     requests from a rate-limited Prefect account only prolong the limit. With a token to
     serve, the failure is the outcome at once and the callers are served (one try per outage).
-    pause waits between two attempts (default: `time.sleep`).
+    pause waits between two attempts (default: `time.sleep`); ride_out carries the time limit
+    and the warning over several calls (default: a ride-out of this call's own).
     """
-    give_up = time.monotonic() + min(RIDE_OUT_SECONDS, _bound(call))
-    pauses = itertools.chain(RIDE_OUT_PAUSES, itertools.repeat(RIDE_OUT_PAUSES[-1]))
-    said = False
+    ride_out = ride_out or _RideOut(call)
     while True:
         try:
             return attempt()
         except TokenBlockError as exc:
-            wait = next(pauses)
-            again = exc.transient and exc.status_code != 429 and not _servable(call)
-            if not again or time.monotonic() + wait > give_up:
-                raise
-            if not said:  # once per ride-out: the caller is not left wondering
-                said = True
-                left = give_up - time.monotonic()
-                current_logger().warning(_messages.riding_out(str(exc), left))
+            wait = ride_out.pause_after(exc)
         (pause or time.sleep)(random.uniform(wait / 2, wait))  # noqa: S311 - jitter, not a secret
+
+
+class _RideOut:
+    """Attempts through a busy Prefect API: until when, how long between them, said once."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.give_up = time.monotonic() + min(RIDE_OUT_SECONDS, _bound(call))
+        self.pauses = itertools.chain(RIDE_OUT_PAUSES, itertools.repeat(RIDE_OUT_PAUSES[-1]))
+        self.said = False
+
+    def pause_after(self, exc: TokenBlockError) -> float:
+        """The pause before the next attempt after exc; raises exc when there is none."""
+        wait = next(self.pauses)
+        again = exc.transient and exc.status_code != 429 and not _servable(self.call)
+        if not again or time.monotonic() + wait > self.give_up:
+            raise exc
+        if not self.said:  # once per ride-out: the caller is not left wondering
+            self.said = True
+            left = self.give_up - time.monotonic()
+            current_logger().warning(_messages.riding_out(str(exc), left))
+        return wait
 
 
 def _servable(call: Call) -> bool:

@@ -664,6 +664,46 @@ def test_an_outcome_heard_between_two_lease_tries_ends_the_asking(
     assert tries == ["unit-block"]  # not asked again once the answer was heard
 
 
+def test_news_between_busy_lease_tries_never_carries_a_renewal_past_its_bound(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review: each event heard between two tries skipped the bound's check and started a new
+    # ride-out (and its warning): a lease endpoint answering 503 and an event every 4 s kept
+    # a renewal bounded at 20 s going past 90 s.
+    from contextlib import contextmanager
+
+    @contextmanager
+    def always_busy(_block_name: str, _duration: float) -> Iterator[bool]:
+        raise _busy()
+        yield False  # pragma: no cover - a generator, as try_lease is
+
+    monkeypatch.setattr(_renewal, "try_lease", always_busy)
+    monkeypatch.setattr(_renewal, "_bound", lambda call: 0.5)
+    monkeypatch.setattr(_renewal, "RIDE_OUT_PAUSES", (0.05,))
+    _token_cache.clear_token_cache()
+    expired = _block("old", -timedelta(minutes=1), timedelta(days=14))
+
+    class Trickle(ScriptedStream):
+        """An unrelated event every 10 ms (of a listen long enough), for ever."""
+
+        def next(self, timeout: float) -> object:
+            if timeout < 0.01:
+                return None
+            time.sleep(0.01)
+            return _event("carbon-mapper.stac-token.expiring")
+
+    monkeypatch.setattr(_renewal, "Listener", Trickle([]))
+    monkeypatch.setattr(_renewal, "_read", lambda call: expired)
+
+    started = time.monotonic()
+    with pytest.raises(TokenBlockError, match="ReadTimeout"):  # the flight's error outcome
+        _renewal._renew(_call())
+
+    assert time.monotonic() - started < 5.0  # the bound (0.5 s), not for ever
+    said = [r for r in caplog.records if "trying again" in r.getMessage()]
+    assert len(said) == 1
+
+
 def test_a_busy_prefect_api_is_waited_out_no_longer_than_the_patience(
     read_attempts: list[object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
