@@ -81,13 +81,22 @@ def bounded_calls(what: str) -> Iterator[Callable[..., Any]]:
         yield lambda fn, *args, **kwargs: call_prefect(what, fn, *args, **kwargs)
 
 
-def sent_once() -> AbstractContextManager[object]:
-    """Inside, Prefect's client sends each request once: it does not retry it itself.
+def without_client_retries() -> AbstractContextManager[object]:
+    """Inside, Prefect's client sends each request once: it does not retry it by itself.
 
-    For a request that must not be applied twice (a decrement by name): one whose answer was
-    lost may have been applied already.
+    For a request whose caller decides about trying again: one that must not be applied
+    twice (a decrement by name: a lost answer may have been applied), or one the renewal
+    tries again on its own terms while it listens for news (`_renewal._patiently`).
     """
     return temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+
+
+def not_applied(exc: BaseException) -> bool:
+    """Whether a failed request surely did nothing: it never reached the server, or the server
+    (or a proxy) refused it for being busy. A lost answer (a read time-out, a dropped
+    connection) leaves that unknown."""
+    refused = (httpx.ConnectError, httpx.ConnectTimeout)
+    return isinstance(exc, refused) or status_of(exc) in (429, 503)
 
 
 @contextmanager

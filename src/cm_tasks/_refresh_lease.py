@@ -23,7 +23,12 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from cm_tasks import _compat, _messages
 from cm_tasks._compat import prefect_has_leases
 from cm_tasks._lease_limit import lease_name
-from cm_tasks._prefect_calls import bounded_calls, prefect_api, sent_once
+from cm_tasks._prefect_calls import (
+    bounded_calls,
+    not_applied,
+    prefect_api,
+    without_client_retries,
+)
 from cm_tasks.retry import RetryPolicy
 from cm_tasks.settings import CarbonMapperSettings
 
@@ -87,7 +92,9 @@ def try_lease(block_name: str, duration: float) -> Iterator[bool]:
     """
     name, api = lease_name(block_name), prefect_api()
     asked = time.monotonic()
-    with bounded_calls(f"take the renewal lease {name!r}") as call:
+    # Sent once: a renewal with nothing to serve tries again itself, listening meanwhile
+    # (Prefect's own retries took 14 s after a 503, 36 s on a hung API, deaf to the stream).
+    with bounded_calls(f"take the renewal lease {name!r}") as call, without_client_retries():
         slot = call(_take, name, api, LEASE_SECONDS)
     if slot is None:
         yield False
@@ -212,9 +219,9 @@ def _release(
     With a keeper (a lease), each attempt first asks whether the server still knows the
     lease (`_Keeper.slot_to_release`), on the same client.
     """
-    # A decrement by name (after a restart, with leases) is sent once, by this loop and by
-    # Prefect's client: one whose answer was lost may have been applied, and a second could
-    # free the slot another holder has taken since (two renewals at once).
+    # A decrement by name (after a restart, with leases) is sent again only when the first
+    # surely did nothing, by this loop, never by Prefect's client: one whose answer was lost
+    # may have been applied, and a second could free the slot another holder has taken since.
     once = False
     for wait in (*RELEASE_WAITS, None):
         try:
@@ -224,11 +231,11 @@ def _release(
             ):
                 given = keeper.slot_to_release(client) if keeper is not None else slot
                 once = keeper is not None and given.lease_id is None
-                with sent_once() if once else nullcontext():
+                with without_client_retries() if once else nullcontext():
                     _compat.release_slot(client, given, time.monotonic() - since)
             return
         except Exception as exc:
-            if wait is None or once:
+            if wait is None or (once and not not_applied(exc)):
                 _logger.warning(_messages.lease_not_released(slot.name, api, exc))
                 return
             time.sleep(wait)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
 from cm_tasks import _compat, _refresh_lease
 from cm_tasks._refresh_lease import LEASE_SECONDS, try_lease
@@ -25,12 +26,16 @@ def lease(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     renewed_twice = threading.Event()
     seen["renewed_twice"] = renewed_twice
 
+    seen["client_retries"] = {"take": [], "renew": []}  # Prefect's own, when each was sent
+
     def take(name: str, _api: object, duration: float) -> _compat.Slot:
         seen["taken"].append(duration)
+        seen["client_retries"]["take"].append(PREFECT_CLIENT_MAX_RETRIES.value())
         return _compat.Slot(name, seen["lease_id"])
 
     def renew(_client: object, slot: _compat.Slot, duration: float) -> bool:
         seen["renewed"].append((slot.lease_id, duration))
+        seen["client_retries"]["renew"].append(PREFECT_CLIENT_MAX_RETRIES.value())
         if len(seen["renewed"]) >= 2:
             renewed_twice.set()
         return seen["known"]
@@ -146,7 +151,6 @@ def test_a_release_by_name_after_a_restart_is_not_sent_twice(
     # Review: a by-name decrement whose answer was lost, sent again, freed the slot another
     # process had taken meanwhile (two holders).
     import httpx
-    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
     lease["known"] = False
     sent: list[_compat.Slot] = []
@@ -174,8 +178,6 @@ def test_a_release_by_lease_keeps_its_retries(
     lease: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Giving back a lease twice frees nothing more: Prefect's client may try it again.
-    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
-
     client_retries: list[int] = []
 
     def release(_client: object, slot: _compat.Slot, _held: float) -> None:
@@ -186,3 +188,48 @@ def test_a_release_by_lease_keeps_its_retries(
         assert held
 
     assert client_retries == [2]
+
+
+def _busy_answer(status: int) -> Exception:
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    request = httpx.Request("POST", "http://prefect.test/api/v2/concurrency_limits/decrement")
+    return PrefectHTTPStatusError(
+        f"{status}", request=request, response=httpx.Response(status, request=request)
+    )
+
+
+def test_a_release_by_name_that_surely_did_nothing_is_sent_again(
+    lease: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review: with Prefect's retries off, one 503 (a busy SQLite database: nothing applied)
+    # left the slot held for good after a restart, and every renewal of the block waited.
+    lease["known"] = False
+    answers: list[Exception | None] = [_busy_answer(503), None]
+    sent: list[_compat.Slot] = []
+
+    def release(_client: object, slot: _compat.Slot, _held: float) -> None:
+        sent.append(slot)
+        if answer := answers.pop(0):
+            raise answer
+
+    monkeypatch.setattr(_compat, "release_slot", release)
+    monkeypatch.setattr(_refresh_lease, "RELEASE_WAITS", (0.0, 0.0))
+    with try_lease("block", 980.0) as held:
+        assert held
+        for keeper in _keepers():
+            keeper.join(10)
+
+    assert sent == [_compat.Slot("cm-tasks-refresh-block", None)] * 2
+    assert answers == []
+
+
+def test_the_take_is_sent_once_and_the_keeper_keeps_its_retries(lease: dict[str, Any]) -> None:
+    # Review: Prefect's own retries held a lease try 14 s after a 503 (36 s on a hung API),
+    # deaf to the events stream; the renewal tries again itself, listening meanwhile.
+    with try_lease("block", 980.0) as held:
+        assert held
+        assert lease["renewed_twice"].wait(10)
+    assert lease["client_retries"]["take"] == [0]
+    assert set(lease["client_retries"]["renew"]) == {2}
