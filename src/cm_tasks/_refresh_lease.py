@@ -78,13 +78,16 @@ def refresh_time_bound(settings: CarbonMapperSettings) -> float:
 
 
 @contextmanager
-def try_lease(block_name: str, duration: float) -> Iterator[bool]:
+def try_lease(block_name: str, duration: float, client_retries: bool = True) -> Iterator[bool]:
     """Try once to hold the renewal lease of block_name; yields whether this process holds it.
 
     Args:
         block_name: the token block to renew.
         duration: the longest a holder keeps the lease (the renewal's time bound); one that
             died loses it after `LEASE_SECONDS` (Prefect 3.4.10+).
+        client_retries: whether Prefect's client retries the request after a busy answer
+            (for up to 14 s after 503s, 36 s on a hung API); False for a caller that tries
+            again itself, listening for news meanwhile.
 
     Raises:
         TokenBlockError: the Prefect API could not be reached or refused (transient when
@@ -92,9 +95,10 @@ def try_lease(block_name: str, duration: float) -> Iterator[bool]:
     """
     name, api = lease_name(block_name), prefect_api()
     asked = time.monotonic()
-    # Sent once: a renewal with nothing to serve tries again itself, listening meanwhile
-    # (Prefect's own retries took 14 s after a 503, 36 s on a hung API, deaf to the stream).
-    with bounded_calls(f"take the renewal lease {name!r}") as call, without_client_retries():
+    with (
+        bounded_calls(f"take the renewal lease {name!r}") as call,
+        nullcontext() if client_retries else without_client_retries(),
+    ):
         slot = call(_take, name, api, LEASE_SECONDS)
     if slot is None:
         yield False

@@ -384,14 +384,19 @@ def _ask_for_lease(
 ) -> tuple[bool, Heard | None]:
     """Whether the block's lease was taken (into lease); else what the stream said meanwhile.
 
-    Through a busy Prefect API the tries are `_patiently`'s, and the renewal listens between
-    them: an outcome heard there ends the asking (review: a `refreshed` heard during the
-    pauses was ignored, and the token came at 30 s instead of 2 s).
+    Through a busy Prefect API the tries are `_patiently`'s, each one request, and the renewal
+    listens between them: an outcome heard there ends the asking (review: a `refreshed` heard
+    during the pauses, or during Prefect's own retries, waited for the next try: the token
+    came 7-30 s after it was made).
     """
     news: list[Heard] = []
 
     def ask() -> bool:
-        return not news and lease.enter_context(try_lease(call.block_name, bound))
+        # Who tries again after a busy answer: Prefect's client where the renewal will not
+        # (a token to serve: one try per outage), else the renewal, listening in between.
+        retried_here = not _servable(call)
+        held = try_lease(call.block_name, bound, client_retries=not retried_here)
+        return not news and lease.enter_context(held)
 
     def listen(seconds: float) -> None:
         if (heard := events.next(seconds)) is not None:

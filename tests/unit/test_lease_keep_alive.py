@@ -225,11 +225,14 @@ def test_a_release_by_name_that_surely_did_nothing_is_sent_again(
     assert answers == []
 
 
-def test_the_take_is_sent_once_and_the_keeper_keeps_its_retries(lease: dict[str, Any]) -> None:
+@pytest.mark.parametrize("client_retries", [True, False])
+def test_the_take_is_retried_by_prefects_client_only_when_asked_and_the_keeper_always(
+    lease: dict[str, Any], client_retries: bool
+) -> None:
     # Review: Prefect's own retries held a lease try 14 s after a 503 (36 s on a hung API),
-    # deaf to the events stream; the renewal tries again itself, listening meanwhile.
-    with try_lease("block", 980.0) as held:
+    # deaf to the events stream; a renewal that tries again itself asks without them.
+    with try_lease("block", 980.0, client_retries=client_retries) as held:
         assert held
         assert lease["renewed_twice"].wait(10)
-    assert lease["client_retries"]["take"] == [0]
+    assert lease["client_retries"]["take"] == [2 if client_retries else 0]
     assert set(lease["client_retries"]["renew"]) == {2}

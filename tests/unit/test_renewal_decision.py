@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from cm_tasks import _renewal, _token_cache
 from cm_tasks._prefect_calls import is_transient
-from cm_tasks._renewal import Action, Call, Flight, Outcome, decide
+from cm_tasks._renewal import Action, Call, Flight, Outcome, _RideOut, decide
 from cm_tasks.blocks import CarbonMapperStacToken
 from cm_tasks.client import CREATE_STAC_PATH as CREATE
 from cm_tasks.errors import (
@@ -215,7 +216,7 @@ def lease_asks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     asks: list[str] = []
 
     @contextmanager
-    def held_elsewhere(block_name: str, _duration: float) -> Iterator[bool]:
+    def held_elsewhere(block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
         asks.append(block_name)
         yield False
 
@@ -485,7 +486,7 @@ def test_a_failure_heard_while_asking_for_the_lease_is_the_outcome_not_a_cue_to_
     from cm_tasks._token_events import RENEWAL_FAILED_EVENT
 
     @contextmanager
-    def free(block_name: str, _duration: float) -> Iterator[bool]:
+    def free(block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
         yield True  # the holder released it after announcing its failure
 
     said: list[str] = []
@@ -619,7 +620,7 @@ def test_a_busy_prefect_api_does_not_fail_the_lease_try_of_a_renewal_with_nothin
     tries: list[str] = []
 
     @contextmanager
-    def busy_once(block_name: str, _duration: float) -> Iterator[bool]:
+    def busy_once(block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
         tries.append(block_name)
         if len(tries) == 1:
             raise _busy()
@@ -648,7 +649,7 @@ def test_an_outcome_heard_between_two_lease_tries_ends_the_asking(
     tries: list[str] = []
 
     @contextmanager
-    def always_busy(block_name: str, _duration: float) -> Iterator[bool]:
+    def always_busy(block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
         tries.append(block_name)
         raise _busy()
         yield False  # pragma: no cover - a generator, as try_lease is
@@ -664,6 +665,31 @@ def test_an_outcome_heard_between_two_lease_tries_ends_the_asking(
     assert tries == ["unit-block"]  # not asked again once the answer was heard
 
 
+@pytest.mark.parametrize("servable", [True, False])
+def test_a_lease_try_is_retried_by_the_renewal_or_by_prefects_client_never_both(
+    monkeypatch: pytest.MonkeyPatch, servable: bool
+) -> None:
+    from contextlib import contextmanager
+
+    asked: list[bool] = []
+
+    @contextmanager
+    def held_elsewhere(_block_name: str, _duration: float, client_retries: bool) -> Iterator[bool]:
+        asked.append(client_retries)
+        yield False
+
+    monkeypatch.setattr(_renewal, "try_lease", held_elsewhere)
+    monkeypatch.setattr(_renewal, "_servable", lambda call: servable)
+    with ExitStack() as lease:
+        held, _ = _renewal._ask_for_lease(
+            _call(), lease, ScriptedStream([]), 10.0, _RideOut(_call())
+        )
+    assert not held
+    # A token to serve: one try per outage, which Prefect's client may repeat. None: the
+    # renewal asks again itself, listening between its tries.
+    assert asked == [servable]
+
+
 def test_news_between_busy_lease_tries_never_carries_a_renewal_past_its_bound(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -673,7 +699,7 @@ def test_news_between_busy_lease_tries_never_carries_a_renewal_past_its_bound(
     from contextlib import contextmanager
 
     @contextmanager
-    def always_busy(_block_name: str, _duration: float) -> Iterator[bool]:
+    def always_busy(_block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
         raise _busy()
         yield False  # pragma: no cover - a generator, as try_lease is
 
