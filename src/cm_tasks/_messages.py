@@ -9,26 +9,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
-from cm_tasks.settings import api_identity
+from cm_tasks.settings import api_identity, prefect_api_at
 
 if TYPE_CHECKING:
     from cm_tasks.blocks import CarbonMapperStacToken
-
-
-def prefect_api_at(api: str | None) -> str:
-    """Where a Prefect API is, for a message: its URL without any user:password in it."""
-    if not api:
-        return "the local Prefect API (no PREFECT_API_URL)"
-    # Never a user:password written into the URL (a message may reach a log).
-    parts = urlsplit(api)
-    if parts.username is not None or parts.password is not None:
-        host = parts.hostname or ""
-        host = f"[{host}]" if ":" in host else host
-        netloc = f"{host}:{parts.port}" if parts.port is not None else host
-        api = urlunsplit(parts._replace(netloc=netloc))
-    return f"the Prefect API at {api}"
 
 
 def prefect_failed(what: str, api: str | None, exc: BaseException, status: int | None) -> str:

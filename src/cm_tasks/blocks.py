@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_valida
 
 from cm_tasks.client import IssuedStacToken, header_safe_token
 from cm_tasks.errors import TokenBlockError, UnusableTokenError
+from cm_tasks.settings import prefect_api_at
 
 
 class CarbonMapperStacToken(Block):
@@ -132,8 +133,9 @@ def load_token_block(block_name: str) -> CarbonMapperStacToken | None:
         return cast(CarbonMapperStacToken, block)
     from prefect.settings import get_current_settings
 
+    where = prefect_api_at(get_current_settings().api.url)
     raise TokenBlockError(
-        f"Could not read the block {block_name!r}: {get_current_settings().api.url} answered, "
+        f"Could not read the block {block_name!r}: {where} answered, "
         "but not as a Prefect API (not JSON). Check PREFECT_API_URL: it ends in /api, e.g. "
         "http://127.0.0.1:4200/api.",
         transient=True,

@@ -35,7 +35,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cm_tasks import _messages, deployments
+from cm_tasks import deployments
 from cm_tasks._version import __version__
 from cm_tasks.errors import CarbonMapperError, ConfigurationError
 from cm_tasks.notify import days_left
@@ -43,6 +43,7 @@ from cm_tasks.settings import (
     CarbonMapperSettings,
     api_identity,
     load_settings,
+    prefect_api_at,
     validate_block_name,
 )
 from cm_tasks.watchdog import DEFAULT_THRESHOLD_DAYS, TokenState, TokenStatus, check_token
@@ -175,7 +176,7 @@ def _no_api_configured() -> str | None:
 def _api_location() -> str:
     from prefect.settings import get_current_settings
 
-    return _messages.prefect_api_at(get_current_settings().api.url)
+    return prefect_api_at(get_current_settings().api.url)
 
 
 def _prefect_error(exc: Exception) -> str:

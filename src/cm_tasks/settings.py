@@ -7,7 +7,7 @@ import os
 import re
 import warnings
 from typing import Literal, get_args
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -179,6 +179,20 @@ def validate_base_url(value: str) -> str:
         )
     url = value.strip()
     return url if url.endswith("/") else url + "/"
+
+
+def prefect_api_at(api: str | None) -> str:
+    """Where a Prefect API is, for a message: its URL without any user:password in it."""
+    if not api:
+        return "the local Prefect API (no PREFECT_API_URL)"
+    # Never a user:password written into the URL (a message may reach a log).
+    parts = urlsplit(api)
+    if parts.username is not None or parts.password is not None:
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        netloc = f"{host}:{parts.port}" if parts.port is not None else host
+        api = urlunsplit(parts._replace(netloc=netloc))
+    return f"the Prefect API at {api}"
 
 
 def api_identity(url: str) -> str:

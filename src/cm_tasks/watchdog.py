@@ -20,7 +20,6 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel, ConfigDict, Field
 
-from cm_tasks import _messages
 from cm_tasks.blocks import load_token_block
 from cm_tasks.errors import (
     CarbonMapperError,
@@ -37,7 +36,7 @@ from cm_tasks.notify import (
     token_resource,
 )
 from cm_tasks.schedules import WEEKLY_REFRESH_CRON, next_fire
-from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, check_block_name
+from cm_tasks.settings import DEFAULT_TOKEN_BLOCK, check_block_name, prefect_api_at
 
 DEFAULT_THRESHOLD_DAYS = 3.0
 MAX_THRESHOLD_DAYS = 365.0
@@ -254,7 +253,7 @@ def _confirm_not_found(block_name: str) -> None:
         if isinstance(unhealthy, ValueError)
         else f"{type(unhealthy).__name__}{f' {status}' if status else ''} on /health"
     )
-    where = _messages.prefect_api_at(get_current_settings().api.url)
+    where = prefect_api_at(get_current_settings().api.url)
     raise TokenBlockError(
         f"Could not check the token block {block_name!r}: {where} answered that it does not "
         f"exist, but does not answer as a Prefect API ({what}). Check "

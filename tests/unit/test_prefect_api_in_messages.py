@@ -83,3 +83,28 @@ def test_the_check_never_names_a_password_written_into_prefect_api_url(
         watchdog._confirm_not_found("carbon-mapper-stac-token")
     assert "s3cret-pw" not in str(err.value)
     assert "Prefect API at http://127.0.0.1:9/api answered" in str(err.value)
+
+
+def test_a_web_page_at_prefect_api_url_is_named_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Review: the block reader's "answered, but not as a Prefect API" printed the URL as given
+    # (in `cm-tasks status`, in get_stac_token()'s error and in a warning).
+    import json
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cm_tasks.blocks import CarbonMapperStacToken, load_token_block
+    from cm_tasks.errors import TokenBlockError
+
+    def a_web_page(*_args: object, **_kwargs: object) -> None:
+        raise json.JSONDecodeError("Expecting value", "<!doctype html>", 0)
+
+    monkeypatch.setattr(CarbonMapperStacToken, "load", a_web_page)
+    with (
+        temporary_settings(updates={PREFECT_API_URL: API_WITH_PASSWORD}),
+        pytest.raises(TokenBlockError) as err,
+    ):
+        load_token_block("carbon-mapper-stac-token")
+    assert "s3cret-pw" not in str(err.value)
+    assert "Prefect API at http://127.0.0.1:9/api answered" in str(err.value)
