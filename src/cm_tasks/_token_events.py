@@ -7,9 +7,10 @@ from Prefect 3.2) filtered on the token block's resource and reads the block onc
 again. The process that takes a block's renewal lease announces
 `carbon-mapper.stac-token.renewal-started`, so that a process that hears it does not ask for
 the lease at all. The stream sends the last minute of matching events on connect, so an
-outcome that came before the socket opened is not missed, except one sent in the second or so
-before (the server stores events shortly after it receives them). A stream that breaks is
-opened again a few times (`REOPEN_PAUSES`); where it cannot be opened at all (no
+outcome that came before the socket opened is not missed, except one sent in the 5 s or so
+before (the server stores events in batches, up to 5 s after it gets them). A stream that
+breaks is opened again a few times (`REOPEN_PAUSES`), and the waiter then reads once for what
+that gap may have held; where it cannot be opened at all (no
 `PREFECT_API_URL`, a proxy without websockets) `live` is False and the waiter falls back to
 slow, jittered reads (`fallback_wait`).
 """
@@ -39,9 +40,16 @@ RENEWAL_STARTED_EVENT = "carbon-mapper.stac-token.renewal-started"
 """Emitted by the process that holds a block's renewal lease, before it renews the token."""
 FALLBACK_SECONDS = (30.0, 60.0)
 """A waiter that hears nothing reads once somewhere in this range (jittered)."""
-REOPEN_PAUSES = (1.0, 2.0, 4.0, 8.0, 15.0)
-"""Pauses (jittered down to half) before a broken stream is opened again: at most this many
-times while one `Listener` lasts, then the waiter falls back to its reads."""
+REOPEN_PAUSES = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+"""Pauses (jittered down to half) before a broken stream is opened again, about a minute in
+all; then the waiter falls back to its reads. They start over after a stream that stayed
+open `STEADY_SECONDS` (one a proxy closes when idle): never more than a connect a minute."""
+STEADY_SECONDS = 60.0
+"""A stream open this long was no flapping one: its reopening starts over."""
+PERSIST_SECONDS = 6.0
+"""The server stores an event up to 5 s after it gets it, and only stored events are replayed
+on connect: an event sent that long before a stream opened again reaches it neither way."""
+_LOOK = object()  # queued PERSIST_SECONDS after a reopen: a silence (the waiter reads once)
 
 
 def fallback_wait(deadline: float) -> float:
@@ -84,7 +92,7 @@ class Listener:
             resource=EventResourceFilter(id=[resource_id]),
             event=EventNameFilter(prefix=[name_prefix]) if name_prefix else None,
         )
-        self._heard: queue.Queue[Heard | None] = queue.Queue()
+        self._heard: queue.Queue[Heard | object | None] = queue.Queue()
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -121,20 +129,27 @@ class Listener:
             return None
         if heard is None:
             self.live = False
-        return heard
+        return heard if isinstance(heard, Heard) else None
 
     async def _listen(self) -> None:
         self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
         try:
-            # A stream that opened and then broke (a burst of 503s from a busy server ends
-            # Prefect's own reconnects at once) is opened again a few times, a little later
-            # each time; one that never opened (no websockets on the way) is not.
-            opened = await self._hear()
-            for pause in REOPEN_PAUSES:
-                if not opened or self._closed:
+            # A stream that opened and then broke (a burst of 503s from a busy server) is
+            # opened again, a little later each time; one that never opened (no websockets on
+            # the way) is not. The reopening is this loop's alone: Prefect's own reconnects
+            # (none asked for) have no bound against a server that accepts and drops at once.
+            opened_for = await self._hear()
+            if opened_for is None:
+                return
+            pauses = iter(REOPEN_PAUSES)
+            while not self._closed:
+                if opened_for is not None and opened_for >= STEADY_SECONDS:
+                    pauses = iter(REOPEN_PAUSES)
+                pause = next(pauses, None)
+                if pause is None:
                     return
                 await asyncio.sleep(random.uniform(pause / 2, pause))  # noqa: S311 - jitter
-                await self._hear()
+                opened_for = await self._hear(reopened=True)
         except BaseException:  # noqa: S110 - the waiter falls back to reads; nothing to report
             pass
         finally:
@@ -142,16 +157,19 @@ class Listener:
             self._heard.put(None)
             self._ready.set()
 
-    async def _hear(self) -> bool:
-        """Hear the stream until it breaks (or the listener closes); whether it opened."""
-        opened = False
+    async def _hear(self, reopened: bool = False) -> float | None:
+        """Hear the stream until it breaks (or the listener closes): how long it was open, or
+        None if it never opened."""
+        opened_at = None
         try:
-            async with get_events_subscriber(filter=self._filter, reconnection_attempts=2) as sub:
-                opened = True
+            async with get_events_subscriber(filter=self._filter, reconnection_attempts=0) as sub:
+                opened_at = time.monotonic()
                 self.live = not self._closed  # closed while connecting: leave at once
                 self._ready.set()
                 if self._closed:
-                    return opened
+                    return 0.0
+                if reopened:  # what the replay cannot hold yet: the waiter reads once
+                    asyncio.get_running_loop().call_later(PERSIST_SECONDS, self._heard.put, _LOOK)
                 async for event in sub:
                     # A stream opened again replays the last minute: each event is heard once.
                     if self._old(event.event, event.occurred) or event.id in self._ids:
@@ -161,7 +179,7 @@ class Listener:
         except Exception:  # noqa: S110 - broken, or never opened: `_listen` decides
             pass
         self.live = False
-        return opened
+        return None if opened_at is None else time.monotonic() - opened_at
 
     def _old(self, name: str, occurred: datetime) -> bool:
         return self._since is not None and occurred < self._since and name not in self._keep_older
