@@ -358,7 +358,9 @@ def _renew(call: Call) -> Outcome:
     deadline = time.monotonic() + bound
     resource = token_resource(call.block_name)["prefect.resource.id"]
     failed = frozenset({RENEWAL_FAILED_EVENT})  # its cool-down may outlast the replay
-    ride_out = _RideOut(call)  # one for the lease tries of this renewal, however many
+    # One ride-out for the lease tries of this renewal, however many. They go without
+    # Prefect's client retries, which would have tried a 429 twice more: so does the renewal.
+    ride_out = _RideOut(call, rate_limit_tries=2)
     with Listener(resource, since=since, keep_older=failed) as events:
         heard = events.next(_hear_first()) if events.live else None
         asked = False
@@ -632,40 +634,46 @@ def _patiently(
     New attempts start for up to `RIDE_OUT_SECONDS` (at most the renewal's bound), each
     bounded like every Prefect call of a renewal: a Prefect API busy for half a minute no
     longer fails every task of an ingest flow waiting for a token. Not after a 429: more
-    requests from a rate-limited Prefect account only prolong the limit. With a token to
+    requests from a rate-limited Prefect account only prolong the limit (but for the two tries
+    Prefect's client would have made, where it makes none: `_RideOut`). With a token to
     serve, the failure is the outcome at once and the callers are served (one try per outage).
     pause waits between two attempts (default: `time.sleep`); ride_out carries the time limit
     and the warning over several calls (default: a ride-out of this call's own).
     """
     ride_out = ride_out or _RideOut(call)
     while True:
+        if ride_out.not_before:  # after a failure: the pause left (news may cut it short)
+            (pause or time.sleep)(max(ride_out.not_before - time.monotonic(), 0.0))
         try:
             return attempt()
         except TokenBlockError as exc:
-            wait = ride_out.pause_after(exc)
-        (pause or time.sleep)(random.uniform(wait / 2, wait))  # noqa: S311 - jitter, not a secret
+            ride_out.pause_after(exc)
 
 
 class _RideOut:
-    """Attempts through a busy Prefect API: until when, how long between them, said once."""
+    """Attempts through a busy Prefect API: until when, how far apart, said once."""
 
-    def __init__(self, call: Call) -> None:
-        self.call = call
+    def __init__(self, call: Call, rate_limit_tries: int = 0) -> None:
+        """A ride-out for call; rate_limit_tries: how many 429s it tries again after."""
+        self.call, self.rate_limit_tries = call, rate_limit_tries
         self.give_up = time.monotonic() + min(RIDE_OUT_SECONDS, _bound(call))
         self.pauses = itertools.chain(RIDE_OUT_PAUSES, itertools.repeat(RIDE_OUT_PAUSES[-1]))
+        self.not_before = 0.0  # monotonic: no attempt before then; 0: no failure yet
         self.said = False
 
-    def pause_after(self, exc: TokenBlockError) -> float:
-        """The pause before the next attempt after exc; raises exc when there is none."""
+    def pause_after(self, exc: TokenBlockError) -> None:
+        """Set when the next attempt may start, after exc; raises exc when there is none."""
         wait = next(self.pauses)
-        again = exc.transient and exc.status_code != 429 and not _servable(self.call)
+        if exc.status_code == 429:
+            self.rate_limit_tries -= 1
+        again = exc.transient and self.rate_limit_tries >= 0 and not _servable(self.call)
         if not again or time.monotonic() + wait > self.give_up:
             raise exc
         if not self.said:  # once per ride-out: the caller is not left wondering
             self.said = True
             left = self.give_up - time.monotonic()
             current_logger().warning(_messages.riding_out(str(exc), left))
-        return wait
+        self.not_before = time.monotonic() + random.uniform(wait / 2, wait)  # noqa: S311
 
 
 def _servable(call: Call) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -728,6 +729,95 @@ def test_news_between_busy_lease_tries_never_carries_a_renewal_past_its_bound(
     assert time.monotonic() - started < 5.0  # the bound (0.5 s), not for ever
     said = [r for r in caplog.records if "trying again" in r.getMessage()]
     assert len(said) == 1
+
+
+def test_a_rate_limited_lease_try_is_tried_again_twice_as_prefects_client_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Review: the lease try goes without Prefect's client retries (which tried a 429 twice),
+    # and the ride-out never tried a 429: one 429 failed a fresh process's renewal.
+    from contextlib import contextmanager
+
+    from cm_tasks.notify import REFRESHED_EVENT
+
+    tries: list[str] = []
+
+    @contextmanager
+    def rate_limited_twice(block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
+        tries.append(block_name)
+        if len(tries) <= 2:
+            raise TokenBlockError("429 from the Prefect API", transient=True, status_code=429)
+        yield False  # held by another process, whose renewal then ends
+
+    monkeypatch.setattr(_renewal, "try_lease", rate_limited_twice)
+    monkeypatch.setattr(_renewal, "RIDE_OUT_PAUSES", (0.0,))
+    _token_cache.clear_token_cache()
+    expired = _block("old", -timedelta(minutes=1), timedelta(days=14))  # nothing to serve
+    _script(monkeypatch, [None, None, None, _event(REFRESHED_EVENT)], [expired, FRESH])
+
+    assert _renewal._renew(_call()).block is FRESH
+    assert len(tries) == 3  # and a third 429 would be the outcome: see the next test
+
+
+def test_a_third_429_on_the_lease_is_the_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import contextmanager
+
+    tries: list[str] = []
+
+    @contextmanager
+    def rate_limited(block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
+        tries.append(block_name)
+        raise TokenBlockError("429 from the Prefect API", transient=True, status_code=429)
+        yield False  # pragma: no cover - a generator, as try_lease is
+
+    monkeypatch.setattr(_renewal, "try_lease", rate_limited)
+    monkeypatch.setattr(_renewal, "RIDE_OUT_PAUSES", (0.0,))
+    _token_cache.clear_token_cache()
+    expired = _block("old", -timedelta(minutes=1), timedelta(days=14))
+    _script(monkeypatch, [None, None, None], [expired])
+
+    with pytest.raises(TokenBlockError, match="429"):
+        _renewal._renew(_call())
+    assert len(tries) == 3
+
+
+def test_events_heard_meanwhile_do_not_cut_the_pauses_between_lease_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Review: with an event every 0.3 s and a lease endpoint answering 503, a renewal asked
+    # 60 times in 18 s: each event ended a pause, and the next try went out at once.
+    from contextlib import contextmanager
+
+    tries: list[float] = []
+
+    @contextmanager
+    def always_busy(_block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
+        tries.append(time.monotonic())
+        raise _busy()
+        yield False  # pragma: no cover - a generator, as try_lease is
+
+    class Trickle(ScriptedStream):
+        """An unrelated event every 10 ms (of a listen long enough), for ever."""
+
+        def next(self, timeout: float) -> object:
+            if timeout < 0.01:
+                return None
+            time.sleep(0.01)
+            return _event("carbon-mapper.stac-token.expiring")
+
+    monkeypatch.setattr(_renewal, "try_lease", always_busy)
+    monkeypatch.setattr(_renewal, "_bound", lambda call: 1.0)
+    monkeypatch.setattr(_renewal, "RIDE_OUT_PAUSES", (0.2,))  # 0.1-0.2 s, jittered
+    monkeypatch.setattr(_renewal, "Listener", Trickle([]))
+    expired = _block("old", -timedelta(minutes=1), timedelta(days=14))
+    monkeypatch.setattr(_renewal, "_read", lambda call: expired)
+    _token_cache.clear_token_cache()
+
+    with pytest.raises(TokenBlockError):
+        _renewal._renew(_call())
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
+    assert gaps
+    assert min(gaps) >= 0.09  # each try waited its pause, events or not (load only adds)
 
 
 def test_a_busy_prefect_api_is_waited_out_no_longer_than_the_patience(
