@@ -454,7 +454,7 @@ def _failed_meanwhile(call: Call, events: Listener, since: datetime) -> Outcome 
     Its holder released the lease after announcing it; renewing now would repeat it (one more
     refused login).
     """
-    while (heard := events.next(0.0)) is not None:
+    for heard in events.queued():
         if heard.name != RENEWAL_FAILED_EVENT:
             continue  # a `refreshed` needs nothing: the holder reads the block
         if ended := _their_outcome(call, heard, since, asked=True):

@@ -43,9 +43,10 @@ FALLBACK_SECONDS = (30.0, 60.0)
 REOPEN_PAUSES = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 """Pauses (jittered down to half) before a broken stream is opened again, about a minute in
 all; then the waiter falls back to its reads. They start over after a stream that stayed
-open `STEADY_SECONDS` (one a proxy closes when idle): never more than a connect a minute."""
-STEADY_SECONDS = 60.0
-"""A stream open this long was no flapping one: its reopening starts over."""
+open `STEADY_SECONDS`: never more than 3 connects a minute."""
+STEADY_SECONDS = 20.0
+"""A stream open this long (Prefect's client pings it every 20 s) was no flapping one: its
+reopening starts over (a proxy that ends websockets after a while, or when idle)."""
 PERSIST_SECONDS = 6.0
 """The server stores an event up to 5 s after it gets it, and only stored events are replayed
 on connect: an event sent that long before a stream opened again reaches it neither way."""
@@ -130,6 +131,20 @@ class Listener:
         if heard is None:
             self.live = False
         return heard if isinstance(heard, Heard) else None
+
+    def queued(self) -> list[Heard]:
+        """The events heard and not yet taken, without waiting (a silence is none)."""
+        taken = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._heard.get_nowait()
+                if item is None:
+                    self.live = False
+                    self._heard.put(None)  # the end stays said, for `next`
+                    break
+                if isinstance(item, Heard):
+                    taken.append(item)
+        return taken
 
     async def _listen(self) -> None:
         self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()

@@ -32,3 +32,8 @@ class ScriptedStream:
             return None  # a look at what is queued, as the real stream answers it
         assert self.heard, "waited for more events than the script holds"
         return self.heard.pop(0)
+
+    def queued(self) -> list[Any]:
+        """What the script holds now, as the real stream's events already heard."""
+        taken, self.heard = [h for h in self.heard if h is not None], []
+        return taken

@@ -146,3 +146,18 @@ def test_reopening_starts_over_after_a_steady_stream(
     with Listener("carbon-mapper.stac-token.unit-test") as events:
         assert _all_heard(events) == []
     assert len(streams.opened) == 3 + 6  # three steady ones, then 6 tries that never open
+
+
+def test_a_silence_does_not_hide_the_events_queued_behind_it() -> None:
+    # Review: the lease holder drained what it had heard with next(0.0) until None, and a
+    # silence queued after a reopen ended the drain before a `renewal-failed` (one more
+    # refused login).
+    from cm_tasks._token_events import _LOOK, Heard
+
+    events = Listener("carbon-mapper.stac-token.unit-test")  # not entered: nothing connects
+    failed = Heard("carbon-mapper.stac-token.renewal-failed", datetime.now(timezone.utc))
+    for item in (_LOOK, failed):
+        events._heard.put(item)
+
+    assert events.queued() == [failed]
+    assert events.queued() == []
