@@ -610,32 +610,53 @@ def test_riding_out_is_said_once(
     assert "No token is cached to serve meanwhile" in said[0]
 
 
+def _lease_tries(monkeypatch: pytest.MonkeyPatch, *answers: object) -> list[float]:
+    """try_lease replaced: each try takes the next answer (an exception is raised, a bool is
+    whether the lease is held), the last one again and again; the times of the tries."""
+    from contextlib import contextmanager
+
+    tries: list[float] = []
+
+    @contextmanager
+    def scripted(_block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
+        tries.append(time.monotonic())
+        answer = answers[min(len(tries), len(answers)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        yield bool(answer)
+
+    monkeypatch.setattr(_renewal, "try_lease", scripted)
+    monkeypatch.setattr(_renewal, "RIDE_OUT_PAUSES", (0.0,))
+    _token_cache.clear_token_cache()
+    return tries
+
+
+class _Trickle(ScriptedStream):
+    """An unrelated event every 10 ms (of a listen long enough), for ever."""
+
+    def next(self, timeout: float) -> object:
+        if timeout < 0.01:
+            return None
+        time.sleep(0.01)
+        return _event("carbon-mapper.stac-token.expiring")
+
+
+EXPIRED = _block("old", -timedelta(minutes=1), timedelta(days=14))  # nothing to serve
+RATE_LIMITED = TokenBlockError("429 from the Prefect API", transient=True, status_code=429)
+
+
 def test_a_busy_prefect_api_does_not_fail_the_lease_try_of_a_renewal_with_nothing_to_serve(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Review: with only the lease endpoint answering 503, a fresh process failed in 15 s.
-    from contextlib import contextmanager
-
     from cm_tasks.notify import REFRESHED_EVENT
 
-    tries: list[str] = []
-
-    @contextmanager
-    def busy_once(block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
-        tries.append(block_name)
-        if len(tries) == 1:
-            raise _busy()
-        yield False  # held by another process, whose renewal then ends
-
-    monkeypatch.setattr(_renewal, "try_lease", busy_once)
-    monkeypatch.setattr(_renewal, "RIDE_OUT_PAUSES", (0.0,))
-    _token_cache.clear_token_cache()
-    expired = _block("old", -timedelta(minutes=1), timedelta(days=14))  # nothing to serve
+    tries = _lease_tries(monkeypatch, _busy(), False)  # then held by another, which renews
     # Heard: nothing before asking, nothing during the pause, then the holder's `refreshed`.
-    _script(monkeypatch, [None, None, _event(REFRESHED_EVENT)], [expired, FRESH])
+    _script(monkeypatch, [None, None, _event(REFRESHED_EVENT)], [EXPIRED, FRESH])
 
     assert _renewal._renew(_call()).block is FRESH
-    assert tries == ["unit-block", "unit-block"]
+    assert len(tries) == 2
 
 
 def test_an_outcome_heard_between_two_lease_tries_ends_the_asking(
@@ -643,27 +664,14 @@ def test_an_outcome_heard_between_two_lease_tries_ends_the_asking(
 ) -> None:
     # Review: a process trying the lease again through 503s ignored the `refreshed` it heard
     # meanwhile, and got its token at 30 s instead of about 2 s.
-    from contextlib import contextmanager
-
     from cm_tasks.notify import REFRESHED_EVENT
 
-    tries: list[str] = []
-
-    @contextmanager
-    def always_busy(block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
-        tries.append(block_name)
-        raise _busy()
-        yield False  # pragma: no cover - a generator, as try_lease is
-
-    monkeypatch.setattr(_renewal, "try_lease", always_busy)
-    monkeypatch.setattr(_renewal, "RIDE_OUT_PAUSES", (0.0,))
-    _token_cache.clear_token_cache()
-    expired = _block("old", -timedelta(minutes=1), timedelta(days=14))  # nothing to serve
+    tries = _lease_tries(monkeypatch, _busy())
     # Heard: nothing before asking, then the other process's `refreshed` during the pause.
-    _script(monkeypatch, [None, _event(REFRESHED_EVENT)], [expired, FRESH])
+    _script(monkeypatch, [None, _event(REFRESHED_EVENT)], [EXPIRED, FRESH])
 
     assert _renewal._renew(_call()).block is FRESH
-    assert tries == ["unit-block"]  # not asked again once the answer was heard
+    assert len(tries) == 1  # not asked again once the answer was heard
 
 
 @pytest.mark.parametrize("servable", [True, False])
@@ -681,10 +689,9 @@ def test_a_lease_try_is_retried_by_the_renewal_or_by_prefects_client_never_both(
 
     monkeypatch.setattr(_renewal, "try_lease", held_elsewhere)
     monkeypatch.setattr(_renewal, "_servable", lambda call: servable)
+    call = _call()
     with ExitStack() as lease:
-        held, _ = _renewal._ask_for_lease(
-            _call(), lease, ScriptedStream([]), 10.0, _RideOut(_call())
-        )
+        held, _ = _renewal._ask_for_lease(call, lease, ScriptedStream([]), 10.0, _RideOut(call))
     assert not held
     # A token to serve: one try per outage, which Prefect's client may repeat. None: the
     # renewal asks again itself, listening between its tries.
@@ -697,30 +704,11 @@ def test_news_between_busy_lease_tries_never_carries_a_renewal_past_its_bound(
     # Review: each event heard between two tries skipped the bound's check and started a new
     # ride-out (and its warning): a lease endpoint answering 503 and an event every 4 s kept
     # a renewal bounded at 20 s going past 90 s.
-    from contextlib import contextmanager
-
-    @contextmanager
-    def always_busy(_block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
-        raise _busy()
-        yield False  # pragma: no cover - a generator, as try_lease is
-
-    monkeypatch.setattr(_renewal, "try_lease", always_busy)
+    _lease_tries(monkeypatch, _busy())
     monkeypatch.setattr(_renewal, "_bound", lambda call: 0.5)
     monkeypatch.setattr(_renewal, "RIDE_OUT_PAUSES", (0.05,))
-    _token_cache.clear_token_cache()
-    expired = _block("old", -timedelta(minutes=1), timedelta(days=14))
-
-    class Trickle(ScriptedStream):
-        """An unrelated event every 10 ms (of a listen long enough), for ever."""
-
-        def next(self, timeout: float) -> object:
-            if timeout < 0.01:
-                return None
-            time.sleep(0.01)
-            return _event("carbon-mapper.stac-token.expiring")
-
-    monkeypatch.setattr(_renewal, "Listener", Trickle([]))
-    monkeypatch.setattr(_renewal, "_read", lambda call: expired)
+    monkeypatch.setattr(_renewal, "Listener", _Trickle([]))
+    monkeypatch.setattr(_renewal, "_read", lambda call: EXPIRED)
 
     started = time.monotonic()
     with pytest.raises(TokenBlockError, match="ReadTimeout"):  # the flight's error outcome
@@ -736,45 +724,18 @@ def test_a_rate_limited_lease_try_is_tried_again_twice_as_prefects_client_would(
 ) -> None:
     # Review: the lease try goes without Prefect's client retries (which tried a 429 twice),
     # and the ride-out never tried a 429: one 429 failed a fresh process's renewal.
-    from contextlib import contextmanager
-
     from cm_tasks.notify import REFRESHED_EVENT
 
-    tries: list[str] = []
-
-    @contextmanager
-    def rate_limited_twice(block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
-        tries.append(block_name)
-        if len(tries) <= 2:
-            raise TokenBlockError("429 from the Prefect API", transient=True, status_code=429)
-        yield False  # held by another process, whose renewal then ends
-
-    monkeypatch.setattr(_renewal, "try_lease", rate_limited_twice)
-    monkeypatch.setattr(_renewal, "RIDE_OUT_PAUSES", (0.0,))
-    _token_cache.clear_token_cache()
-    expired = _block("old", -timedelta(minutes=1), timedelta(days=14))  # nothing to serve
-    _script(monkeypatch, [None, None, None, _event(REFRESHED_EVENT)], [expired, FRESH])
+    tries = _lease_tries(monkeypatch, RATE_LIMITED, RATE_LIMITED, False)
+    _script(monkeypatch, [None, None, None, _event(REFRESHED_EVENT)], [EXPIRED, FRESH])
 
     assert _renewal._renew(_call()).block is FRESH
-    assert len(tries) == 3  # and a third 429 would be the outcome: see the next test
+    assert len(tries) == 3
 
 
 def test_a_third_429_on_the_lease_is_the_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
-    from contextlib import contextmanager
-
-    tries: list[str] = []
-
-    @contextmanager
-    def rate_limited(block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
-        tries.append(block_name)
-        raise TokenBlockError("429 from the Prefect API", transient=True, status_code=429)
-        yield False  # pragma: no cover - a generator, as try_lease is
-
-    monkeypatch.setattr(_renewal, "try_lease", rate_limited)
-    monkeypatch.setattr(_renewal, "RIDE_OUT_PAUSES", (0.0,))
-    _token_cache.clear_token_cache()
-    expired = _block("old", -timedelta(minutes=1), timedelta(days=14))
-    _script(monkeypatch, [None, None, None], [expired])
+    tries = _lease_tries(monkeypatch, RATE_LIMITED)
+    _script(monkeypatch, [None, None, None], [EXPIRED])
 
     with pytest.raises(TokenBlockError, match="429"):
         _renewal._renew(_call())
@@ -786,32 +747,11 @@ def test_events_heard_meanwhile_do_not_cut_the_pauses_between_lease_tries(
 ) -> None:
     # Review: with an event every 0.3 s and a lease endpoint answering 503, a renewal asked
     # 60 times in 18 s: each event ended a pause, and the next try went out at once.
-    from contextlib import contextmanager
-
-    tries: list[float] = []
-
-    @contextmanager
-    def always_busy(_block_name: str, _duration: float, **_options: object) -> Iterator[bool]:
-        tries.append(time.monotonic())
-        raise _busy()
-        yield False  # pragma: no cover - a generator, as try_lease is
-
-    class Trickle(ScriptedStream):
-        """An unrelated event every 10 ms (of a listen long enough), for ever."""
-
-        def next(self, timeout: float) -> object:
-            if timeout < 0.01:
-                return None
-            time.sleep(0.01)
-            return _event("carbon-mapper.stac-token.expiring")
-
-    monkeypatch.setattr(_renewal, "try_lease", always_busy)
+    tries = _lease_tries(monkeypatch, _busy())
     monkeypatch.setattr(_renewal, "_bound", lambda call: 1.0)
     monkeypatch.setattr(_renewal, "RIDE_OUT_PAUSES", (0.2,))  # 0.1-0.2 s, jittered
-    monkeypatch.setattr(_renewal, "Listener", Trickle([]))
-    expired = _block("old", -timedelta(minutes=1), timedelta(days=14))
-    monkeypatch.setattr(_renewal, "_read", lambda call: expired)
-    _token_cache.clear_token_cache()
+    monkeypatch.setattr(_renewal, "Listener", _Trickle([]))
+    monkeypatch.setattr(_renewal, "_read", lambda call: EXPIRED)
 
     with pytest.raises(TokenBlockError):
         _renewal._renew(_call())
