@@ -43,10 +43,13 @@ FALLBACK_SECONDS = (30.0, 60.0)
 REOPEN_PAUSES = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 """Pauses (jittered down to half) before a broken stream is opened again, about a minute in
 all; then the waiter falls back to its reads. They start over after a stream that stayed
-open `STEADY_SECONDS`: never more than 3 connects a minute."""
+open `STEADY_SECONDS`, up to `MAX_REOPENS` in all."""
 STEADY_SECONDS = 20.0
 """A stream open this long (Prefect's client pings it every 20 s) was no flapping one: its
 reopening starts over (a proxy that ends websockets after a while, or when idle)."""
+MAX_REOPENS = 30
+"""Reopens per `Listener` in all, however often they start over: the cost of a wait stays
+bounded against a server that keeps each stream just long enough."""
 PERSIST_SECONDS = 6.0
 """The server stores an event up to 5 s after it gets it, and only stored events are replayed
 on connect: an event sent that long before a stream opened again reaches it neither way."""
@@ -99,6 +102,7 @@ class Listener:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._ids: set[UUID] = set()
+        self._look: asyncio.TimerHandle | None = None
         self.live = False
 
     def __enter__(self) -> Listener:
@@ -157,11 +161,11 @@ class Listener:
             if opened_for is None:
                 return
             pauses = iter(REOPEN_PAUSES)
-            while not self._closed:
+            for _ in range(MAX_REOPENS):
                 if opened_for is not None and opened_for >= STEADY_SECONDS:
                     pauses = iter(REOPEN_PAUSES)
                 pause = next(pauses, None)
-                if pause is None:
+                if pause is None or self._closed:
                     return
                 await asyncio.sleep(random.uniform(pause / 2, pause))  # noqa: S311 - jitter
                 opened_for = await self._hear(reopened=True)
@@ -183,8 +187,12 @@ class Listener:
                 self._ready.set()
                 if self._closed:
                     return 0.0
-                if reopened:  # what the replay cannot hold yet: the waiter reads once
-                    asyncio.get_running_loop().call_later(PERSIST_SECONDS, self._heard.put, _LOOK)
+                if reopened:  # what the replay cannot hold yet: the waiter reads once (for
+                    # the last of reopens close together)
+                    if self._look is not None:
+                        self._look.cancel()
+                    loop = asyncio.get_running_loop()
+                    self._look = loop.call_later(PERSIST_SECONDS, self._heard.put, _LOOK)
                 async for event in sub:
                     # A stream opened again replays the last minute: each event is heard once.
                     if self._old(event.event, event.occurred) or event.id in self._ids:

@@ -161,3 +161,16 @@ def test_a_silence_does_not_hide_the_events_queued_behind_it() -> None:
 
     assert events.queued() == [failed]
     assert events.queued() == []
+
+
+def test_reopening_ends_after_max_reopens_however_often_it_starts_over(
+    streams: _Script, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review: a server keeping each stream just over 20 s had it reopened until the end of
+    # the wait (up to 980 s), each reopen a connect and a read.
+    monkeypatch.setattr(_token_events, "STEADY_SECONDS", 0.0)  # every stream counts as steady
+    monkeypatch.setattr(_token_events, "MAX_REOPENS", 5)
+    streams.coming += [_Stream([]) for _ in range(20)]
+    with Listener("carbon-mapper.stac-token.unit-test") as events:
+        assert _all_heard(events) == []
+    assert len(streams.opened) == 1 + 5
