@@ -43,6 +43,16 @@ def status_of(exc: BaseException) -> int | None:
     return exc.response.status_code if isinstance(exc, PrefectHTTPStatusError) else None
 
 
+def _retry_after(exc: BaseException) -> float | None:
+    """The seconds a Prefect API error's `Retry-After` asks to wait (not an HTTP date)."""
+    if not isinstance(exc, PrefectHTTPStatusError):
+        return None
+    try:
+        return max(float(exc.response.headers.get("Retry-After", "")), 0.0)
+    except ValueError:
+        return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a failure may go away by itself (an outage, a busy or restarting server)."""
     if isinstance(exc, CarbonMapperError):
@@ -63,6 +73,7 @@ def call_prefect(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
             _messages.prefect_failed(what, prefect_api(), exc, status),
             transient=is_transient(exc),
             status_code=status,
+            retry_after=_retry_after(exc),
         )
     raise failure  # outside the except block: the Prefect error is not chained
 

@@ -360,7 +360,7 @@ def _renew(call: Call) -> Outcome:
     failed = frozenset({RENEWAL_FAILED_EVENT})  # its cool-down may outlast the replay
     # One ride-out for the lease tries of this renewal, however many. They go without
     # Prefect's client retries, which would have tried a 429 twice more: so does the renewal.
-    ride_out = _RideOut(call, rate_limit_tries=2)
+    ride_out = _RideOut(call, rate_limit_tries=2, deadline=deadline)
     with Listener(resource, since=since, keep_older=failed) as events:
         heard = events.next(_hear_first()) if events.live else None
         asked = False
@@ -401,8 +401,12 @@ def _ask_for_lease(
         return not news and lease.enter_context(held)
 
     def listen(seconds: float) -> None:
-        if (heard := events.next(seconds)) is not None:
-            news.append(heard)
+        # The whole pause, unless an event comes: a silence or the stream's end is no news.
+        end = time.monotonic() + seconds
+        while (heard := events.next(max(end - time.monotonic(), 0.0))) is None:
+            if time.monotonic() >= end:
+                return
+        news.append(heard)
 
     held = _patiently(call, ask, pause=listen, ride_out=ride_out)
     return held, (news[0] if news else None)
@@ -645,35 +649,54 @@ def _patiently(
         if ride_out.not_before:  # after a failure: the pause left (news may cut it short)
             (pause or time.sleep)(max(ride_out.not_before - time.monotonic(), 0.0))
         try:
-            return attempt()
+            answer = attempt()
         except TokenBlockError as exc:
             ride_out.pause_after(exc)
+            continue
+        ride_out.succeeded()
+        return answer
 
 
 class _RideOut:
-    """Attempts through a busy Prefect API: until when, how far apart, said once."""
+    """Attempts through a busy Prefect API: until when, how far apart, said once.
 
-    def __init__(self, call: Call, rate_limit_tries: int = 0) -> None:
-        """A ride-out for call; rate_limit_tries: how many 429s it tries again after."""
-        self.call, self.rate_limit_tries = call, rate_limit_tries
-        self.give_up = time.monotonic() + min(RIDE_OUT_SECONDS, _bound(call))
-        self.pauses = itertools.chain(RIDE_OUT_PAUSES, itertools.repeat(RIDE_OUT_PAUSES[-1]))
+    Its time runs from the first failure after a success (a renewal may ask for the lease
+    again long after it started), never past deadline.
+    """
+
+    def __init__(self, call: Call, rate_limit_tries: int = 0, deadline: float | None = None):
+        """A ride-out for call; rate_limit_tries: how many 429s in a row it tries again after."""
+        self.call, self.rate_limit_tries, self.deadline = call, rate_limit_tries, deadline
         self.not_before = 0.0  # monotonic: no attempt before then; 0: no failure yet
         self.said = False
+        self.succeeded()
+
+    def succeeded(self) -> None:
+        """An attempt got an answer: the next failure starts a ride-out afresh."""
+        self.give_up: float | None = None
+        self.pauses = itertools.chain(RIDE_OUT_PAUSES, itertools.repeat(RIDE_OUT_PAUSES[-1]))
+        self.rate_limited = 0
 
     def pause_after(self, exc: TokenBlockError) -> None:
         """Set when the next attempt may start, after exc; raises exc when there is none."""
+        now = time.monotonic()
+        if self.give_up is None:
+            self.give_up = now + min(RIDE_OUT_SECONDS, _bound(self.call))
+            if self.deadline is not None:
+                self.give_up = min(self.give_up, self.deadline)
         wait = next(self.pauses)
-        if exc.status_code == 429:
-            self.rate_limit_tries -= 1
-        again = exc.transient and self.rate_limit_tries >= 0 and not _servable(self.call)
-        if not again or time.monotonic() + wait > self.give_up:
+        low, high = wait / 2, wait  # jittered down: processes that failed together spread out
+        if exc.status_code == 429:  # as Prefect's client paces them: Retry-After, else 2, 4 s
+            self.rate_limited += 1
+            wait = exc.retry_after if exc.retry_after is not None else 2.0**self.rate_limited
+            low, high = wait, wait * 1.25  # never sooner than asked
+        again = exc.transient and self.rate_limited <= self.rate_limit_tries
+        if not again or _servable(self.call) or now + low > self.give_up:
             raise exc
         if not self.said:  # once per ride-out: the caller is not left wondering
             self.said = True
-            left = self.give_up - time.monotonic()
-            current_logger().warning(_messages.riding_out(str(exc), left))
-        self.not_before = time.monotonic() + random.uniform(wait / 2, wait)  # noqa: S311
+            current_logger().warning(_messages.riding_out(str(exc), self.give_up - now))
+        self.not_before = now + random.uniform(low, high)  # noqa: S311 - jitter, not a secret
 
 
 def _servable(call: Call) -> bool:

@@ -51,12 +51,21 @@ class TokenBlockError(CarbonMapperError):
     Attributes:
         status_code: the HTTP status the Prefect API answered, when that is what failed
             (429: the Prefect account is rate-limited); None otherwise.
+        retry_after: the seconds its `Retry-After` header asked to wait, if it gave them.
     """
 
-    def __init__(self, message: str, *, transient: bool = False, status_code: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        transient: bool = False,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.transient = transient
         self.status_code = status_code
+        self.retry_after = retry_after
 
 
 class UnusableTokenError(TokenBlockError):
