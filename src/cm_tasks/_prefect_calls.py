@@ -23,6 +23,7 @@ from prefect.settings import (
 )
 
 from cm_tasks import _messages
+from cm_tasks.client import retry_after_seconds
 from cm_tasks.errors import CarbonMapperError, TokenBlockError
 
 CALL_SECONDS = 10.0
@@ -41,16 +42,6 @@ def prefect_api() -> str | None:
 def status_of(exc: BaseException) -> int | None:
     """The HTTP status of a Prefect API error, if it is one."""
     return exc.response.status_code if isinstance(exc, PrefectHTTPStatusError) else None
-
-
-def _retry_after(exc: BaseException) -> float | None:
-    """The seconds a Prefect API error's `Retry-After` asks to wait (not an HTTP date)."""
-    if not isinstance(exc, PrefectHTTPStatusError):
-        return None
-    try:
-        return max(float(exc.response.headers.get("Retry-After", "")), 0.0)
-    except ValueError:
-        return None
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -73,7 +64,11 @@ def call_prefect(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
             _messages.prefect_failed(what, prefect_api(), exc, status),
             transient=is_transient(exc),
             status_code=status,
-            retry_after=_retry_after(exc),
+            retry_after=(
+                retry_after_seconds(exc.response)
+                if isinstance(exc, PrefectHTTPStatusError)
+                else None
+            ),
         )
     raise failure  # outside the except block: the Prefect error is not chained
 

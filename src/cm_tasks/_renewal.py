@@ -394,11 +394,12 @@ def _ask_for_lease(
     news: list[Heard] = []
 
     def ask() -> bool:
+        if news:
+            return False
         # Who tries again after a busy answer: Prefect's client where the renewal will not
         # (a token to serve: one try per outage), else the renewal, listening in between.
-        retried_here = not _servable(call)
-        held = try_lease(call.block_name, bound, client_retries=not retried_here)
-        return not news and lease.enter_context(held)
+        taken = try_lease(call.block_name, bound, client_retries=_servable(call))
+        return lease.enter_context(taken)
 
     def listen(seconds: float) -> None:
         # The whole pause, unless an event comes: a silence or the stream's end is no news.

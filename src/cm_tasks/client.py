@@ -130,7 +130,8 @@ def _api_message(response: httpx.Response, secrets: Iterable[str]) -> str:
     return message[:_MAX_API_MESSAGE] + ("..." if len(message) > _MAX_API_MESSAGE else "")
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """The seconds a response's `Retry-After` asks to wait (seconds or an HTTP date)."""
     value = response.headers.get("Retry-After")
     if value is None:
         return None
@@ -176,7 +177,7 @@ def error_for_response(
             endpoint=endpoint,
         )
     if status == 429:
-        retry_after = _retry_after(response)
+        retry_after = retry_after_seconds(response)
         hint = f"; it asked to wait {retry_after:.0f} s" if retry_after is not None else ""
         return RateLimitedError(
             f"The Carbon Mapper API is rate limiting requests ({where}){hint}.",

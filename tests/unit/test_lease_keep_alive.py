@@ -7,7 +7,7 @@ defaults), and every waiter gave up just before it lapsed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -152,21 +152,13 @@ def test_a_release_by_name_after_a_restart_is_not_sent_twice(
     # process had taken meanwhile (two holders).
     import httpx
 
-    lease["known"] = False
-    sent: list[_compat.Slot] = []
     client_retries: list[int] = []
 
-    def release_lost(_client: object, slot: _compat.Slot, _held: float) -> None:
-        sent.append(slot)
+    def answer_lost() -> None:
         client_retries.append(PREFECT_CLIENT_MAX_RETRIES.value())
         raise httpx.ReadTimeout("answer lost")
 
-    monkeypatch.setattr(_compat, "release_slot", release_lost)
-    monkeypatch.setattr(_refresh_lease, "RELEASE_WAITS", (0.0, 0.0))
-    with try_lease("block", 980.0) as held:
-        assert held
-        for keeper in _keepers():
-            keeper.join(10)
+    sent = _release_after_restart(lease, monkeypatch, [answer_lost])
 
     assert sent == [_compat.Slot("cm-tasks-refresh-block", None)]
     # Nor by Prefect's client, which would retry a lost answer by itself (review lead).
@@ -190,6 +182,34 @@ def test_a_release_by_lease_keeps_its_retries(
     assert client_retries == [2]
 
 
+def _release_after_restart(
+    lease: dict[str, Any], monkeypatch: pytest.MonkeyPatch, answers: list[Callable[[], None]]
+) -> list[_compat.Slot]:
+    """Hold the lease of a server that then forgets it; each release takes the next answer
+    (calls it). The slots sent to be released, in order."""
+    lease["known"] = False
+    sent: list[_compat.Slot] = []
+
+    def release(_client: object, slot: _compat.Slot, _held: float) -> None:
+        sent.append(slot)
+        answers.pop(0)()
+
+    monkeypatch.setattr(_compat, "release_slot", release)
+    monkeypatch.setattr(_refresh_lease, "RELEASE_WAITS", (0.0, 0.0))
+    with try_lease("block", 980.0) as held:
+        assert held
+        for keeper in _keepers():
+            keeper.join(10)
+    return sent
+
+
+def _raises(error: Exception) -> Callable[[], None]:
+    def answer() -> None:
+        raise error
+
+    return answer
+
+
 def _busy_answer(status: int) -> Exception:
     import httpx
     from prefect.exceptions import PrefectHTTPStatusError
@@ -205,21 +225,9 @@ def test_a_release_by_name_that_surely_did_nothing_is_sent_again(
 ) -> None:
     # Review: with Prefect's retries off, one 503 (a busy SQLite database: nothing applied)
     # left the slot held for good after a restart, and every renewal of the block waited.
-    lease["known"] = False
-    answers: list[Exception | None] = [_busy_answer(503), None]
-    sent: list[_compat.Slot] = []
+    answers: list[Callable[[], None]] = [_raises(_busy_answer(503)), lambda: None]
 
-    def release(_client: object, slot: _compat.Slot, _held: float) -> None:
-        sent.append(slot)
-        if answer := answers.pop(0):
-            raise answer
-
-    monkeypatch.setattr(_compat, "release_slot", release)
-    monkeypatch.setattr(_refresh_lease, "RELEASE_WAITS", (0.0, 0.0))
-    with try_lease("block", 980.0) as held:
-        assert held
-        for keeper in _keepers():
-            keeper.join(10)
+    sent = _release_after_restart(lease, monkeypatch, answers)
 
     assert sent == [_compat.Slot("cm-tasks-refresh-block", None)] * 2
     assert answers == []
